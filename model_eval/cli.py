@@ -1,0 +1,204 @@
+"""`model-eval`: run evaluations through the Dagster instance, open the UI, query the warehouse."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from model_eval.settings import PROJECT_ROOT, ProjectPaths
+
+
+def _prepare_dagster_home() -> Path:
+    """A persistent instance folder inside the checkout, so run history survives UI restarts.
+
+    The tracked dagster.yaml at the top of the checkout is the instance configuration; it is copied
+    into the (git-ignored) instance folder, which is where Dagster reads it from.
+    """
+    home = Path(os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    source = PROJECT_ROOT / "dagster.yaml"
+    target = home / "dagster.yaml"
+    if source.is_file() and source.resolve() != target.resolve() and (not target.exists() or target.read_text() != source.read_text()):
+        shutil.copyfile(source, target)
+    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+    return home
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _user_error(exc: BaseException) -> BaseException:
+    """The exception a person should see, unwrapped from Dagster's step-failure wrapper."""
+    return getattr(exc, "user_exception", None) or exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from model_eval.errors import ModelEvalError
+    from model_eval.golden import load_tasks
+    from model_eval.registry import availability, load_registry
+
+    paths = ProjectPaths.from_env()
+    try:
+        tasks = load_tasks(paths.golden_dir, only=_split(args.tasks))
+        registry = load_registry(paths.registry_file)
+        chosen = registry.select(_split(args.models))
+    except ModelEvalError as exc:
+        return _fail(str(exc))
+    runnable = []
+    for spec in chosen:
+        reason = availability(spec)
+        if reason is None:
+            runnable.append(spec)
+        elif args.models:
+            return _fail(f"model {spec.name} cannot run: {reason}")
+        else:
+            print(f"skip {spec.name}: {reason}")
+    if not runnable:
+        return _fail("no enabled model can run (see the skip lines above)")
+
+    _prepare_dagster_home()
+    import dagster as dg
+
+    from model_eval.defs.resources import EVAL_RUN_TAG, TRIGGER_TAG
+    from model_eval.definitions import defs
+    from model_eval.serving import local_models_served
+
+    eval_run_id = f"eval-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    tags = {EVAL_RUN_TAG: eval_run_id, TRIGGER_TAG: "cli"}
+    logging_config = {"loggers": {"console": {"config": {"log_level": "INFO" if args.verbose else "WARNING"}}}}
+    task_names = [t.name for t in tasks]
+    instance = dg.DagsterInstance.get()
+    print(f"eval run {eval_run_id}: {len(runnable)} model(s) x {len(task_names)} task(s); Dagster instance {os.environ['DAGSTER_HOME']}")
+    started = time.perf_counter()
+
+    def execute(job_name: str, **kwargs) -> bool:
+        job = defs.resolve_job_def(job_name)
+        try:
+            result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - report the user-facing cause and stop cleanly
+            print(f"error in {job_name}: {_user_error(exc)}", file=sys.stderr)
+            return False
+        return result.success
+
+    if not execute("prepare", run_config=logging_config):
+        return 1
+    failed = []
+    with local_models_served(registry, runnable, paths.warehouse_file.parent / "run"):
+        for index, spec in enumerate(runnable, start=1):
+            t0 = time.perf_counter()
+            print(f"[{index}/{len(runnable)}] {spec.name} ...", flush=True)
+            config = {**logging_config, "ops": {"inference_results": {"config": {"tasks": task_names}}}}
+            if execute("evaluate_model", partition_key=spec.name, run_config=config):
+                print(f"[{index}/{len(runnable)}] {spec.name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+            else:
+                failed.append(spec.name)
+    if len(failed) == len(runnable) or not execute("recommend", run_config=logging_config):
+        return 1
+    _print_leaderboard(paths, eval_run_id, task_names)
+    print(f"\nfinished in {time.perf_counter() - started:.1f} s; warehouse: {paths.warehouse_file}")
+    if failed:
+        print(f"failed models: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[str]) -> None:
+    import polars as pl
+
+    from model_eval.pipeline import leaderboard
+    from model_eval.warehouse import read_connection
+
+    with read_connection(paths.warehouse_file) as conn:
+        board = leaderboard(conn)
+        recs = conn.sql("SELECT * FROM recommendations WHERE eval_run_id = $id AND is_task_policy",
+                        params={"id": eval_run_id}).pl()
+    for rec in recs.sort("task").iter_rows(named=True):
+        if rec["task"] not in task_names:
+            continue
+        print(f"\n== {rec['task']} (version {rec['dataset_version']}, policy {rec['policy']})")
+        rows = board.filter((pl.col("task") == rec["task"]) & (pl.col("dataset_version") == rec["dataset_version"])
+                            & pl.col("model").is_in(rec["candidates"]))
+        print(f"  {'model':<22}{'accuracy (95% CI)':<22}{'consistent':>11}{'success':>9}{'p50 ms':>9}{'p95 ms':>9}{'cost/case':>12}")
+        for r in rows.iter_rows(named=True):
+            cost = "unknown" if r["cost_per_case_usd"] is None else f"{r['cost_per_case_usd']:.6f}"
+            p50 = "-" if r["p50_latency_ms"] is None else f"{r['p50_latency_ms']:.0f}"
+            p95 = "-" if r["p95_latency_ms"] is None else f"{r['p95_latency_ms']:.0f}"
+            acc = f"{r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f})"
+            print(f"  {r['model']:<22}{acc:<22}{r['consistency']:>11.2f}{r['success_rate']:>9.2f}{p50:>9}{p95:>9}{cost:>12}")
+        champion = rec["champion"] or "none qualified"
+        print(f"  champion: {champion}; runner-up: {rec['runner_up'] or '-'}"
+              + (f"; confidence {rec['confidence']:.2f}" if rec["confidence"] is not None else ""))
+        print(f"  why: {rec['reasoning']}")
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    home = _prepare_dagster_home()
+    print(f"Dagster instance: {home}")
+    command = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(args.port)]
+    return _exec(command)
+
+
+def _exec(command: list[str]) -> int:
+    import subprocess
+
+    try:
+        return subprocess.call(command, cwd=PROJECT_ROOT)
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run SQL against the warehouse, read-only unless --write is given."""
+    import duckdb
+
+    paths = ProjectPaths.from_env()
+    query = args.query if args.query != "-" else sys.stdin.read()
+    try:
+        conn = duckdb.connect(str(paths.warehouse_file), read_only=not args.write)
+    except duckdb.Error as exc:
+        return _fail(f"{paths.warehouse_file}: {exc}")
+    try:
+        relation = conn.sql(query)
+        if relation is not None:
+            print(relation.pl())
+    except duckdb.Error as exc:
+        return _fail(str(exc))
+    finally:
+        conn.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="model-eval", description="Decide, with evidence, which LLM each task should use.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="evaluate enabled models on every task through the Dagster instance")
+    run.add_argument("--models", help="comma-separated model names from the registry (default: every enabled model)")
+    run.add_argument("--tasks", help="comma-separated task names (default: every task)")
+    run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO log lines")
+    run.set_defaults(func=cmd_run)
+    ui = sub.add_parser("ui", help="open the Dagster UI on this checkout's instance")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    sql = sub.add_parser("sql", help="query the warehouse (read-only unless --write)")
+    sql.add_argument("query", help="SQL text, or - to read it from standard input")
+    sql.add_argument("--write", action="store_true", help="open the warehouse for writing")
+    sql.set_defaults(func=cmd_sql)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

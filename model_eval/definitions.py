@@ -1,0 +1,16 @@
+"""The Dagster code location (see workspace.yaml)."""
+
+import dagster as dg
+
+from model_eval.defs.assets.golden import golden_cases
+from model_eval.defs.assets.inference import inference_results
+from model_eval.defs.assets.registry import model_registry
+from model_eval.defs.assets.scoring import model_task_metrics, recommendations, scores
+from model_eval.defs.jobs import evaluate_model_job, prepare_job, recommend_job
+from model_eval.defs.resources import ModelEvalResource
+
+defs = dg.Definitions(
+    assets=[golden_cases, model_registry, inference_results, scores, model_task_metrics, recommendations],
+    jobs=[prepare_job, evaluate_model_job, recommend_job],
+    resources={"model_eval": ModelEvalResource()},
+)

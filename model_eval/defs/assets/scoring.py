@@ -1,0 +1,63 @@
+import dagster as dg
+import polars as pl
+
+from model_eval.defs.partitions import MODELS
+from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
+from model_eval.pipeline import recommend_all, refresh_metrics, score_model
+from model_eval.warehouse import read_connection
+from model_eval.pipeline import leaderboard
+
+
+@dg.asset(group_name="evaluation", partitions_def=MODELS, deps=["inference_results"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
+          description="Each result scored by its task's registered scorer.")
+def scores(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
+    frame = score_model(model_eval.paths(), context.partition_key, eval_run_id(context), context.log)
+    per_task = frame.group_by("task").agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("calls")).sort("task")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": frame.height,
+        "accuracy_by_task": dg.MetadataValue.json({r["task"]: round(r["accuracy"], 4) for r in per_task.iter_rows(named=True)}),
+        "unparseable": int(frame.filter(~pl.col("call_failed") & pl.col("parsed").is_null()).height),
+    })
+
+
+@dg.asset(group_name="recommendation", deps=["scores"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
+          description="Per (eval run, model, task): accuracy with 95% CI, correctness, consistency, latency percentiles, tokens, cost.")
+def model_task_metrics(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
+    metrics = refresh_metrics(model_eval.paths(), context.log)
+    return dg.MaterializeResult(metadata={"dagster/row_count": metrics.height,
+                                          "eval_runs": metrics["eval_run_id"].n_unique() if metrics.height else 0})
+
+
+def leaderboard_markdown(board: pl.DataFrame, champions: dict[str, tuple[str | None, str | None, str]]) -> str:
+    lines = []
+    for task in sorted(board["task"].unique().to_list()):
+        champion, runner_up, policy = champions.get(task, (None, None, "?"))
+        lines += [f"### {task} (policy `{policy}`): champion **{champion or 'none qualified'}**, runner-up {runner_up or '-'}", "",
+                  "| model | accuracy (95% CI) | correctness | consistency | success | p50 ms | p95 ms | cost/case |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in board.filter(pl.col("task") == task).iter_rows(named=True):
+            cost = "unknown" if r["cost_per_case_usd"] is None else f"${r['cost_per_case_usd']:.6f}"
+            p50 = "-" if r["p50_latency_ms"] is None else f"{r['p50_latency_ms']:.0f}"
+            p95 = "-" if r["p95_latency_ms"] is None else f"{r['p95_latency_ms']:.0f}"
+            lines.append(f"| {r['model']} | {r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f}) | "
+                         f"{r['correctness']:.2f} | {r['consistency']:.2f} | {r['success_rate']:.2f} | {p50} | {p95} | {cost} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dg.asset(group_name="recommendation", deps=["model_task_metrics"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
+          description="A champion and runner-up per task under every policy, with reasoning and confidence.")
+def recommendations(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
+    paths = model_eval.paths()
+    frame = recommend_all(paths, eval_run_id(context), context.log)
+    chosen = frame.filter(pl.col("is_task_policy"))
+    champions = {r["task"]: (r["champion"], r["runner_up"], r["policy"]) for r in chosen.iter_rows(named=True)}
+    with read_connection(paths.warehouse_file) as conn:
+        board = leaderboard(conn)
+    for r in chosen.iter_rows(named=True):
+        context.log.info(f"{r['task']}: {r['reasoning']}")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": frame.height,
+        "champions": dg.MetadataValue.json({t: c[0] for t, c in champions.items()}),
+        "leaderboard": dg.MetadataValue.md(leaderboard_markdown(board, champions) if board.height else "no metrics yet"),
+    })

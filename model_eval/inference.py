@@ -1,0 +1,275 @@
+"""The inference engine: every (case x repeat) for one model, through litellm, asynchronously.
+
+Bounded concurrency per model, a per-call timeout, retries with exponential backoff and jitter on
+rate limits, server errors and timeouts (honouring Retry-After, with a hard cap on attempts), and a
+response cache so unchanged work is never sent twice. Plain asyncio; no Dagster here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import polars as pl
+
+from model_eval.golden import TaskSpec
+from model_eval.registry import ModelSpec
+from model_eval.response_cache import ResponseCache, cache_key
+
+log = logging.getLogger(__name__)
+
+# HTTP statuses worth another attempt: timeouts, conflicts, rate limits and server errors.
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+RETRYABLE_ERROR_NAMES = {"Timeout", "APIConnectionError", "RateLimitError", "InternalServerError",
+                         "ServiceUnavailableError", "BadGatewayError", "APITimeoutError", "TimeoutError"}
+
+RESULT_SCHEMA = {
+    "model": pl.String, "task": pl.String, "dataset_version": pl.String, "case_id": pl.String, "repeat": pl.Int32,
+    "cache_key": pl.String, "response_text": pl.String, "latency_ms": pl.Float64, "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64, "cost_usd": pl.Float64, "finish_reason": pl.String, "error_class": pl.String,
+    "error_message": pl.String, "attempts": pl.Int32, "from_cache": pl.Boolean, "completed_at": pl.Float64,
+}
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    task: str
+    dataset_version: str
+    case_id: str
+    repeat: int
+    messages: list[dict[str, str]]
+    params: dict[str, Any]
+    key: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 20.0
+    retry_after_cap_s: float = 60.0
+
+    def delay(self, attempt: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return min(max(retry_after_s, 0.0), self.retry_after_cap_s)
+        ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt - 1))
+        # "Equal jitter": keep half the exponential step, randomise the rest, so callers that
+        # failed together do not retry together.
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass
+class RunStats:
+    total: int = 0
+    done: int = 0
+    cached: int = 0
+    sent: int = 0
+    retries: int = 0
+    errors: int = 0
+    unknown_cost: int = 0
+    wall_s: float = 0.0
+    error_classes: dict[str, int] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[RunStats], None]
+CompletionFn = Callable[..., Awaitable[Any]]
+
+
+def build_requests(spec: ModelSpec, tasks: list[TaskSpec], cases: pl.DataFrame) -> list[CallRequest]:
+    """Every (case x repeat) this model must answer, for the tasks it serves, in a stable order."""
+    import json
+
+    requests = []
+    for task in tasks:
+        if not spec.serves(task.name, task.tier):
+            continue
+        params = {**spec.params, **task.call_params}
+        task_cases = cases.filter((pl.col("task") == task.name) & (pl.col("dataset_version") == task.dataset_version)).sort("case_id")
+        for row in task_cases.iter_rows(named=True):
+            messages = task.render_messages(json.loads(row["inputs_json"]))
+            for repeat in range(task.repeats):
+                requests.append(CallRequest(task.name, task.dataset_version, row["case_id"], repeat, messages, params,
+                                            cache_key(spec.config_hash, messages, params, repeat)))
+    return requests
+
+
+def _status_of(exc: BaseException) -> int | None:
+    for attr in ("status_code", "status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int):
+            return value
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError)):
+        return True
+    status = _status_of(exc)
+    if status is not None:
+        return status in RETRYABLE_STATUS
+    return type(exc).__name__ in RETRYABLE_ERROR_NAMES
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """The server's Retry-After (seconds form), wherever litellm or httpx kept the headers."""
+    candidates = [getattr(exc, "litellm_response_headers", None), getattr(getattr(exc, "response", None), "headers", None),
+                  getattr(exc, "headers", None)]
+    for headers in candidates:
+        if not headers:
+            continue
+        try:
+            value = headers.get("retry-after") or headers.get("Retry-After")
+        except AttributeError:
+            continue
+        if value is None:
+            continue
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None  # an HTTP date: fall back to our own backoff
+    return None
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+class CostCalculator:
+    """Cost from the registry's prices, else litellm's price map; unknown is None, never 0."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.warned = False
+
+    def __call__(self, input_tokens: int | None, output_tokens: int | None) -> float | None:
+        if input_tokens is None or output_tokens is None:
+            return None
+        if self.spec.price_input_per_million is not None and self.spec.price_output_per_million is not None:
+            return (input_tokens * self.spec.price_input_per_million + output_tokens * self.spec.price_output_per_million) / 1e6
+        try:
+            import litellm
+
+            prompt_cost, completion_cost = litellm.cost_per_token(model=self.spec.litellm_model, prompt_tokens=input_tokens,
+                                                                  completion_tokens=output_tokens)
+            return float(prompt_cost) + float(completion_cost)
+        except Exception:  # noqa: BLE001 - litellm raises various errors for models it does not price
+            if not self.warned:
+                log.warning("model %s: no price in the registry and litellm has none for %s; cost recorded as NULL",
+                            self.spec.name, self.spec.litellm_model)
+                self.warned = True
+            return None
+
+
+async def _default_completion(**kwargs):
+    import litellm
+
+    return await litellm.acompletion(**kwargs)
+
+
+def _usage(response: Any) -> tuple[int | None, int | None]:
+    usage = getattr(response, "usage", None)
+    if usage is None and isinstance(response, dict):
+        usage = response.get("usage")
+    if usage is None:
+        return None, None
+    get = usage.get if isinstance(usage, dict) else lambda k: getattr(usage, k, None)
+    return get("prompt_tokens"), get("completion_tokens")
+
+
+def _text_and_finish(response: Any) -> tuple[str | None, str | None]:
+    choices = getattr(response, "choices", None) or []
+    if not choices:
+        return None, None
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    return getattr(message, "content", None), getattr(choice, "finish_reason", None)
+
+
+async def run_model(
+    spec: ModelSpec,
+    requests: list[CallRequest],
+    cache: ResponseCache,
+    *,
+    retry: RetryPolicy = RetryPolicy(),
+    completion: CompletionFn = _default_completion,
+    on_progress: ProgressFn | None = None,
+    progress_every: int = 10,
+) -> tuple[pl.DataFrame, RunStats]:
+    """Answer every request for one model; returns one row per request and the run's totals."""
+    stats = RunStats(total=len(requests))
+    started = time.perf_counter()
+    cost_of = CostCalculator(spec)
+    secrets = [k for k in [spec.api_key()] if k]
+    cached = cache.get_many([r.key for r in requests])
+    rows: list[dict[str, Any]] = []
+    semaphore = asyncio.Semaphore(spec.max_concurrency)
+
+    def finish(row: dict[str, Any]) -> None:
+        rows.append(row)
+        stats.done += 1
+        if row["error_class"]:
+            stats.errors += 1
+            stats.error_classes[row["error_class"]] = stats.error_classes.get(row["error_class"], 0) + 1
+        if row["cost_usd"] is None and not row["error_class"]:
+            stats.unknown_cost += 1
+        if on_progress and (stats.done % progress_every == 0 or stats.done == stats.total):
+            on_progress(stats)
+
+    def base_row(req: CallRequest) -> dict[str, Any]:
+        return {"model": spec.name, "task": req.task, "dataset_version": req.dataset_version, "case_id": req.case_id,
+                "repeat": req.repeat, "cache_key": req.key}
+
+    async def one(req: CallRequest) -> None:
+        hit = cached.get(req.key)
+        if hit is not None:
+            stats.cached += 1
+            finish({**base_row(req), **hit, "cost_usd": cost_of(hit["input_tokens"], hit["output_tokens"]),
+                    "error_class": None, "error_message": None, "attempts": 0, "from_cache": True,
+                    "completed_at": time.time()})
+            return
+        async with semaphore:
+            attempt = 0
+            while True:
+                attempt += 1
+                stats.sent += 1
+                t0 = time.perf_counter()
+                try:
+                    response = await completion(
+                        model=spec.litellm_model, messages=req.messages, api_base=spec.api_base,
+                        api_key=spec.api_key() or ("sk-no-key" if spec.api_base else None),
+                        timeout=spec.timeout_s, num_retries=0, max_retries=0, **req.params,
+                    )
+                    latency_ms = (time.perf_counter() - t0) * 1000
+                    text, finish_reason = _text_and_finish(response)
+                    input_tokens, output_tokens = _usage(response)
+                    payload = {"response_text": text, "latency_ms": latency_ms, "input_tokens": input_tokens,
+                               "output_tokens": output_tokens, "finish_reason": finish_reason}
+                    cache.put(req.key, spec.name, payload)
+                    finish({**base_row(req), **payload, "cost_usd": cost_of(input_tokens, output_tokens),
+                            "error_class": None, "error_message": None, "attempts": attempt, "from_cache": False,
+                            "completed_at": time.time()})
+                    return
+                except Exception as exc:  # noqa: BLE001 - every failure is recorded, none crashes the run
+                    latency_ms = (time.perf_counter() - t0) * 1000
+                    if is_retryable(exc) and attempt < spec.max_attempts:
+                        stats.retries += 1
+                        await asyncio.sleep(retry.delay(attempt, retry_after_seconds(exc)))
+                        continue
+                    message = redact(str(exc), secrets)[:2000]
+                    finish({**base_row(req), "response_text": None, "latency_ms": latency_ms, "input_tokens": None,
+                            "output_tokens": None, "finish_reason": None, "cost_usd": None,
+                            "error_class": type(exc).__name__, "error_message": message, "attempts": attempt,
+                            "from_cache": False, "completed_at": time.time()})
+                    return
+
+    await asyncio.gather(*(one(r) for r in requests))
+    stats.wall_s = time.perf_counter() - started
+    frame = pl.DataFrame(rows, schema=RESULT_SCHEMA).sort("task", "case_id", "repeat")
+    return frame, stats

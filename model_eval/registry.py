@@ -1,0 +1,266 @@
+"""The model registry: the file people edit to list candidate models.
+
+Each entry becomes one Dagster partition (its `name`). Keys are never stored here: an entry names
+the environment variable that holds its key, and the key is read only when a call is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from model_eval.errors import RegistryError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ENTRY_FIELDS = {
+    "name", "model", "api_base", "api_key_env", "params", "price_per_million", "provider", "family",
+    "tasks", "tiers", "enabled", "local_model", "max_concurrency", "timeout_s", "max_attempts", "notes",
+}
+DEFAULTS = {"max_concurrency": 4, "timeout_s": 60.0, "max_attempts": 5}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    litellm_model: str
+    provider: str
+    family: str
+    api_base: str | None = None
+    api_key_env: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    # None means "ask litellm's price map"; local models declare 0.0 explicitly.
+    price_input_per_million: float | None = None
+    price_output_per_million: float | None = None
+    tasks: tuple[str, ...] | None = None
+    tiers: tuple[int, ...] | None = None
+    enabled: bool = True
+    local_model: str | None = None
+    max_concurrency: int = 4
+    timeout_s: float = 60.0
+    max_attempts: int = 5
+
+    @property
+    def config_hash(self) -> str:
+        """Identity of what answers: a change here invalidates cached responses. Never includes the key."""
+        identity = {"model": self.litellm_model, "api_base": self.api_base, "params": self.params, "local_model": self.local_model}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def serves(self, task_name: str, tier: int) -> bool:
+        return (self.tasks is None or task_name in self.tasks) and (self.tiers is None or tier in self.tiers)
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def public_record(self) -> dict[str, Any]:
+        """The row stored in the warehouse `models` table (no secrets: only the variable's name)."""
+        return {
+            "model": self.name, "litellm_model": self.litellm_model, "provider": self.provider, "family": self.family,
+            "api_base": self.api_base, "api_key_env": self.api_key_env, "params_json": json.dumps(self.params, sort_keys=True),
+            "price_input_per_million": self.price_input_per_million, "price_output_per_million": self.price_output_per_million,
+            "tasks": list(self.tasks) if self.tasks is not None else None, "tiers": list(self.tiers) if self.tiers is not None else None,
+            "enabled": self.enabled, "local_model": self.local_model, "config_hash": self.config_hash,
+        }
+
+
+@dataclass(frozen=True)
+class LocalServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+    @property
+    def api_base(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+
+@dataclass(frozen=True)
+class Registry:
+    path: Path
+    models: tuple[ModelSpec, ...]
+    local_server: LocalServerSettings
+
+    def get(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise RegistryError(self.path, f"unknown model '{name}'; registered: {', '.join(self.names())}")
+
+    def names(self, enabled_only: bool = False) -> list[str]:
+        return [m.name for m in self.models if m.enabled or not enabled_only]
+
+    def select(self, names: list[str] | None) -> list[ModelSpec]:
+        """Enabled models, or exactly the named ones (an unknown name is an error, a disabled one too)."""
+        if not names:
+            return [m for m in self.models if m.enabled]
+        chosen = [self.get(n) for n in names]
+        disabled = [m.name for m in chosen if not m.enabled]
+        if disabled:
+            raise RegistryError(self.path, f"model(s) {', '.join(disabled)} are disabled (set enabled: true)")
+        return chosen
+
+    def local_models(self, specs: list[ModelSpec] | None = None) -> dict[str, str]:
+        """alias -> local model name, for the models the bundled llama.cpp server must serve."""
+        return {m.name: m.local_model for m in (specs if specs is not None else self.models) if m.local_model}
+
+
+def _entry_lines(text: str) -> list[int]:
+    """Line number of each entry under `models:`, so errors can point at it."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return []
+    if root is None or not isinstance(root, yaml.MappingNode):
+        return []
+    for key, value in root.value:
+        if key.value == "models" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []
+
+
+def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServerSettings, defaults: dict) -> ModelSpec:
+    def fail(message: str, name: str | None = None) -> RegistryError:
+        return RegistryError(path, message, line=line, field=f"models[{index}]" + (f".{name}" if name else ""))
+
+    if not isinstance(raw, dict):
+        raise fail("each model must be a mapping of fields")
+    unknown = sorted(set(raw) - ENTRY_FIELDS)
+    if unknown:
+        raise fail(f"unknown field; allowed: {', '.join(sorted(ENTRY_FIELDS))}", unknown[0])
+    for required in ("name", "model"):
+        if not isinstance(raw.get(required), str) or not raw[required].strip():
+            raise fail("required, a non-empty string", required)
+    name = raw["name"]
+    if not NAME_PATTERN.match(name):
+        raise fail(f"'{name}' must be letters, digits, '.', '_' or '-' (it is a partition key)", "name")
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        raise fail("must be a mapping", "params")
+    if any(k in params for k in ("api_key", "api_base", "model", "messages")):
+        raise fail("may not set api_key, api_base, model or messages (use the entry's own fields; keys come from api_key_env)", "params")
+
+    price = raw.get("price_per_million")
+    price_in = price_out = None
+    if price is not None:
+        if not isinstance(price, dict) or set(price) != {"input", "output"}:
+            raise fail("must be {input: <USD>, output: <USD>} or null for litellm's price map", "price_per_million")
+        for side in ("input", "output"):
+            if isinstance(price[side], bool) or not isinstance(price[side], (int, float)) or price[side] < 0:
+                raise fail("must be a non-negative number", f"price_per_million.{side}")
+        price_in, price_out = float(price["input"]), float(price["output"])
+
+    local_model = raw.get("local_model")
+    api_base = raw.get("api_base")
+    if local_model is not None:
+        if not isinstance(local_model, str):
+            raise fail("must be the name of a bundled local model", "local_model")
+        api_base = api_base or server.api_base
+    if api_base is not None and urlparse(str(api_base)).scheme not in ("http", "https"):
+        raise fail(f"'{api_base}' is not an http(s) URL", "api_base")
+    key_env = raw.get("api_key_env")
+    if key_env is not None and (not isinstance(key_env, str) or not re.match(r"^[A-Z_][A-Z0-9_]*$", key_env)):
+        raise fail("must be the NAME of an environment variable (the key itself never goes in this file)", "api_key_env")
+
+    def int_list(key: str) -> tuple | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise fail("must be a list or null (null = all)", key)
+        return tuple(value)
+
+    settings = {**defaults}
+    for key in DEFAULTS:
+        if key in raw:
+            settings[key] = raw[key]
+    if not isinstance(settings["max_concurrency"], int) or settings["max_concurrency"] < 1:
+        raise fail("must be a positive whole number", "max_concurrency")
+    if not isinstance(settings["max_attempts"], int) or not 1 <= settings["max_attempts"] <= 20:
+        raise fail("must be a whole number from 1 to 20", "max_attempts")
+    if isinstance(settings["timeout_s"], bool) or not isinstance(settings["timeout_s"], (int, float)) or settings["timeout_s"] <= 0:
+        raise fail("must be a positive number of seconds", "timeout_s")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise fail("must be true or false", "enabled")
+
+    return ModelSpec(
+        name=name,
+        litellm_model=raw["model"],
+        provider=str(raw.get("provider") or raw["model"].split("/")[0]),
+        family=str(raw.get("family") or ""),
+        api_base=api_base,
+        api_key_env=key_env,
+        params=params,
+        price_input_per_million=price_in,
+        price_output_per_million=price_out,
+        tasks=int_list("tasks"),
+        tiers=int_list("tiers"),
+        enabled=enabled,
+        local_model=local_model,
+        max_concurrency=settings["max_concurrency"],
+        timeout_s=float(settings["timeout_s"]),
+        max_attempts=settings["max_attempts"],
+    )
+
+
+def load_registry(path: Path) -> Registry:
+    if not path.is_file():
+        raise RegistryError(path, "model registry file not found")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RegistryError(path, f"not valid YAML: {getattr(exc, 'problem', exc)}", line=None if mark is None else mark.line + 1) from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise RegistryError(path, "must be a mapping with a 'models' list", field="models")
+
+    server_raw = data.get("local_server") or {}
+    if not isinstance(server_raw, dict) or set(server_raw) - {"host", "port"}:
+        raise RegistryError(path, "allowed fields: host, port", field="local_server")
+    server = LocalServerSettings(host=str(server_raw.get("host", "127.0.0.1")), port=int(server_raw.get("port", 8765)))
+    if server.host not in ("127.0.0.1", "localhost", "::1"):
+        raise RegistryError(path, "the bundled model server only listens on the loopback address", field="local_server.host")
+
+    defaults = {**DEFAULTS, **(data.get("defaults") or {})}
+    if set(defaults) - set(DEFAULTS):
+        raise RegistryError(path, f"allowed fields: {', '.join(DEFAULTS)}", field="defaults")
+    lines = _entry_lines(text)
+    specs = []
+    for index, raw in enumerate(data["models"]):
+        line = lines[index] if index < len(lines) else None
+        spec = _entry(raw, index, line, path, server, defaults)
+        if any(s.name == spec.name for s in specs):
+            raise RegistryError(path, f"duplicate model name '{spec.name}'", line=line, field=f"models[{index}].name")
+        specs.append(spec)
+    return Registry(path=path, models=tuple(specs), local_server=server)
+
+
+def availability(spec: ModelSpec, connect_timeout_s: float = 0.5) -> str | None:
+    """None when the model can be called now, else the reason it is skipped (for a clear log line)."""
+    if spec.local_model:
+        from model_eval.local_models import model_path
+
+        try:
+            model_path(spec.local_model)
+        except Exception as exc:  # noqa: BLE001 - any failure to locate weights means "skip, and say why"
+            return f"local model '{spec.local_model}' is not available: {exc}"
+        return None
+    if spec.api_key_env and not os.environ.get(spec.api_key_env):
+        return f"environment variable {spec.api_key_env} is not set"
+    if spec.api_base:
+        parsed = urlparse(spec.api_base)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=connect_timeout_s):
+                pass
+        except OSError as exc:
+            return f"endpoint {spec.api_base} is not reachable ({exc.__class__.__name__})"
+    return None

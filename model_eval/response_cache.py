@@ -1,0 +1,65 @@
+"""A response cache keyed by everything that decides a model's answer.
+
+It lives in its own SQLite file (WAL mode), not in the DuckDB warehouse: inference writes each
+finished call here at once, so a run killed half-way resumes without repeating finished calls, and
+several model partitions can write at the same time without taking DuckDB's single write lock.
+Only successful calls are cached: a failed call is tried again on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+
+def cache_key(config_hash: str, messages: list[dict], params: dict[str, Any], repeat: int) -> str:
+    material = json.dumps({"config": config_hash, "messages": messages, "params": params, "repeat": repeat},
+                          sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+class ResponseCache:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # isolation_level=None: autocommit, each put is durable on its own.
+        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL)"
+        )
+
+    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        # SQLite limits bound parameters per statement; 500 stays well under it.
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, payload in self._conn.execute(f"SELECT key, payload FROM responses WHERE key IN ({marks})", chunk):
+                found[key] = json.loads(payload)
+        return found
+
+    def put(self, key: str, model: str, payload: dict[str, Any]) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO responses (key, model, payload, created_at) VALUES (?, ?, ?, ?)",
+            (key, model, json.dumps(payload, ensure_ascii=False), time.time()),
+        )
+
+    def count(self, model: str | None = None) -> int:
+        if model is None:
+            return self._conn.execute("SELECT count(*) FROM responses").fetchone()[0]
+        return self._conn.execute("SELECT count(*) FROM responses WHERE model = ?", (model,)).fetchone()[0]
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "ResponseCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
