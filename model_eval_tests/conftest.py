@@ -1,0 +1,67 @@
+"""Shared fixtures: a temporary copy of the golden sets and a temporary warehouse per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+
+from model_eval.settings import PROJECT_ROOT, ProjectPaths  # noqa: E402
+
+
+class ListLog:
+    """Collects log lines so tests can assert on what a person would be told."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, msg: str) -> None:
+        self.lines.append(("info", msg))
+
+    def warning(self, msg: str) -> None:
+        self.lines.append(("warning", msg))
+
+    def text(self) -> str:
+        return "\n".join(m for _, m in self.lines)
+
+
+@pytest.fixture
+def log() -> ListLog:
+    return ListLog()
+
+
+def copy_golden(target: Path, cases_per_task: int | None = None, tasks: list[str] | None = None) -> Path:
+    """Copy the shipped golden sets; optionally keep only the first N cases of each (balanced for verdicts)."""
+    shutil.copytree(PROJECT_ROOT / "golden", target, ignore=shutil.ignore_patterns("README.md"))
+    for folder in list(target.iterdir()):
+        if tasks is not None and folder.name not in tasks:
+            shutil.rmtree(folder)
+            continue
+        if cases_per_task is None:
+            continue
+        for cases_file in (folder / "cases").glob("*.jsonl"):
+            rows = [json.loads(line) for line in cases_file.read_text().splitlines() if line.strip()]
+            if rows and rows[0]["expected"] in ("PASS", "FAIL"):
+                passes = [r for r in rows if r["expected"] == "PASS"][: (cases_per_task + 1) // 2]
+                fails = [r for r in rows if r["expected"] == "FAIL"][: cases_per_task // 2]
+                rows = passes + fails
+            else:
+                rows = rows[:cases_per_task]
+            cases_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return target
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> ProjectPaths:
+    golden = copy_golden(tmp_path / "golden")
+    registry = tmp_path / "models.yaml"
+    shutil.copyfile(PROJECT_ROOT / "models.yaml", registry)
+    return ProjectPaths(golden_dir=golden, registry_file=registry, warehouse_file=tmp_path / "warehouse" / "model_eval.duckdb",
+                        cache_file=tmp_path / "warehouse" / "cache" / "responses.sqlite")

@@ -1,0 +1,128 @@
+"""Golden sets: the shipped ones are valid; every kind of malformed file is named precisely and changes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model_eval import warehouse
+from model_eval.errors import GoldenSetError
+from model_eval.golden import load_tasks, read_cases
+from model_eval.pipeline import ingest_golden
+
+
+def _snapshot(path: Path) -> dict[str, list]:
+    with warehouse.read_connection(path) as conn:
+        return {t: sorted(map(repr, conn.sql(f"SELECT * FROM {t}").fetchall())) for t in ("golden_cases", "golden_versions")}
+
+
+def _rewrite_line(cases_file: Path, line_no: int, change) -> None:
+    lines = cases_file.read_text().splitlines()
+    lines[line_no - 1] = change(lines[line_no - 1])
+    cases_file.write_text("\n".join(lines) + "\n")
+
+
+def test_shipped_golden_sets_meet_the_brief(paths):
+    tasks = {t.name: t for t in load_tasks(paths.golden_dir)}
+    assert set(tasks) == {"grading", "extraction", "classification"}
+    for task in tasks.values():
+        cases = read_cases(task)
+        assert cases.height >= 12, task.name
+        assert cases["case_id"].n_unique() == cases.height
+        assert cases["expected_error"].null_count() == cases.height, cases["expected_error"].drop_nulls().to_list()
+    verdicts = read_cases(tasks["grading"])["expected_verdict"].value_counts()
+    counts = dict(zip(verdicts["expected_verdict"], verdicts["count"]))
+    assert counts["PASS"] == counts["FAIL"]
+
+
+def test_ingestion_records_version_and_hash_and_is_idempotent(paths, log):
+    first = ingest_golden(paths, "run-1", log)
+    assert first.new_cases == sum(first.versions["cases"])
+    again = ingest_golden(paths, "run-2", log)
+    assert again.new_cases == 0  # unchanged files add nothing
+    with warehouse.read_connection(paths.warehouse_file) as conn:
+        rows = conn.sql("SELECT task, dataset_version, count(*), count(DISTINCT content_hash) FROM golden_cases GROUP BY ALL").fetchall()
+    assert all(version == "v1" and n == distinct for _, version, n, distinct in rows)
+
+
+def test_new_version_becomes_current_and_old_one_is_kept(paths, log):
+    ingest_golden(paths, "run-1", log)
+    cases_dir = paths.golden_dir / "classification" / "cases"
+    (cases_dir / "v2.jsonl").write_text((cases_dir / "v1.jsonl").read_text())
+    ingest_golden(paths, "run-2", log)
+    with warehouse.read_connection(paths.warehouse_file) as conn:
+        current = conn.sql("SELECT dataset_version FROM golden_versions WHERE task = 'classification' AND is_current").fetchall()
+        versions = conn.sql("SELECT DISTINCT dataset_version FROM golden_cases WHERE task = 'classification' ORDER BY 1").fetchall()
+    assert current == [("v2",)]
+    assert versions == [("v1",), ("v2",)]
+
+
+BREAKAGES = [
+    # (task, how to break line 3, expected words in the error)
+    ("grading", lambda line: line[:-5], ["grading", "v1.jsonl", "line 3", "not valid JSON"]),
+    ("grading", lambda line: json.dumps({k: v for k, v in json.loads(line).items() if k != "expected"}), ["line 3", "field 'expected'"]),
+    ("grading", lambda line: json.dumps({**json.loads(line), "expected": "MAYBE"}), ["line(s) 3", "field 'expected'", "PASS"]),
+    ("grading", lambda line: json.dumps({**json.loads(line), "inputs": {"posting": "x"}}), ["line 3", "field 'inputs.summary'"]),
+    ("classification", lambda line: json.dumps({**json.loads(line), "expected": "astrology"}), ["line(s) 3", "field 'expected'"]),
+    ("extraction", lambda line: json.dumps({**json.loads(line), "id": "extraction-001"}), ["line(s)", "field 'id'", "duplicate id(s): extraction-001"]),
+    ("classification", lambda line: json.dumps({**json.loads(line), "difficulty": "brutal"}), ["line 3", "field 'difficulty'"]),
+]
+
+
+@pytest.mark.parametrize("task,breakage,words", BREAKAGES)
+def test_malformed_cases_file_names_file_line_field_and_leaves_warehouse_untouched(paths, log, task, breakage, words):
+    ingest_golden(paths, "run-1", log)
+    before = _snapshot(paths.warehouse_file)
+    _rewrite_line(paths.golden_dir / task / "cases" / "v1.jsonl", 3, breakage)
+    with pytest.raises(GoldenSetError) as caught:
+        ingest_golden(paths, "run-2", log)
+    for word in words:
+        assert word in str(caught.value), str(caught.value)
+    assert _snapshot(paths.warehouse_file) == before
+
+
+def test_verdict_task_with_one_verdict_only_fails(paths, log):
+    cases_file = paths.golden_dir / "grading" / "cases" / "v1.jsonl"
+    rows = [json.loads(line) for line in cases_file.read_text().splitlines()]
+    cases_file.write_text("".join(json.dumps({**r, "expected": "PASS"}) + "\n" for r in rows))
+    with pytest.raises(GoldenSetError, match="both PASS and FAIL"):
+        ingest_golden(paths, "run-1", log)
+    assert not paths.warehouse_file.exists()  # nothing was written, not even an empty file
+
+
+def test_too_few_cases_fails(paths, log):
+    cases_file = paths.golden_dir / "classification" / "cases" / "v1.jsonl"
+    cases_file.write_text("".join(cases_file.read_text().splitlines(keepends=True)[:9]))
+    with pytest.raises(GoldenSetError, match="has 9 cases; at least 10"):
+        ingest_golden(paths, "run-1", log)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("scorer", {"name": "telepathy"}, ["field 'scorer.name'", "unknown scorer 'telepathy'"]),
+    ("repeats", 0, ["field 'repeats'"]),
+    ("repeats", True, ["field 'repeats'", "expected int"]),
+    ("policy", "vibes", ["field 'policy'", "unknown policy"]),
+    ("output_kind", "poem", ["field 'output_kind'"]),
+    ("qualification_threshold", 1.5, ["field 'qualification_threshold'"]),
+    ("prompt_template", "Posting: {posting", ["field 'prompt_template'", "{{"]),
+])
+def test_bad_task_settings_name_the_field(paths, log, field, value, words):
+    import yaml
+
+    task_file = paths.golden_dir / "grading" / "task.yaml"
+    data = yaml.safe_load(task_file.read_text())
+    data[field] = value
+    task_file.write_text(yaml.safe_dump(data))
+    with pytest.raises(GoldenSetError) as caught:
+        ingest_golden(paths, "run-1", log)
+    message = str(caught.value)
+    assert "grading/task.yaml" in message
+    for word in words:
+        assert word in message, message
+
+
+def test_unknown_task_name_is_rejected(paths):
+    with pytest.raises(GoldenSetError, match="unknown task.*summarise"):
+        load_tasks(paths.golden_dir, only=["summarise"])

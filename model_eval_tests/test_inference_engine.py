@@ -1,0 +1,410 @@
+"""The inference engine against a scripted local OpenAI-compatible server, through real litellm.
+
+Nothing is mocked between `run_model` and the HTTP socket: the requests go through litellm and the
+OpenAI SDK exactly as they would to a provider, and the fake server (a test double) decides each
+answer and counts every request, so the tests can assert exact call counts.
+
+Timeouts, backoff and Retry-After caps are shrunk so the whole module runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+# Must be set before litellm is imported anywhere: use the bundled price map, no network fetch.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import litellm  # noqa: E402
+import polars as pl  # noqa: E402
+import pytest  # noqa: E402
+
+from model_eval.inference import CallRequest, RetryPolicy, build_requests, run_model  # noqa: E402
+from model_eval.registry import ModelSpec  # noqa: E402
+from model_eval.response_cache import ResponseCache, cache_key  # noqa: E402
+from model_eval_tests.fake_openai_server import (  # noqa: E402
+    FakeOpenAIServer, always, fail_first, garbage, hang, nonsense, ok, random_mix, rate_limited, route, server_error)
+
+# litellm prints a "Give Feedback" banner on every exception; the tests provoke hundreds.
+litellm.suppress_debug_info = True
+
+KEY_ENV = "MODEL_EVAL_TEST_FAKE_KEY"
+SECRET = "sk-fake-SECRET-0123456789abcdef"
+FAST_RETRY = RetryPolicy(backoff_base_s=0.01, backoff_cap_s=0.05, retry_after_cap_s=0.2)
+PRICE_IN, PRICE_OUT = 1.0, 2.0        # USD per million tokens
+PARAMS = {"max_tokens": 8}
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
+
+
+# ---------------------------------------------------------------- helpers
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def cache(tmp_path):
+    with ResponseCache(tmp_path / "cache" / "responses.sqlite") as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    return SECRET
+
+
+def make_spec(server: FakeOpenAIServer, **overrides) -> ModelSpec:
+    fields = dict(name="fake-model", litellm_model="openai/fake", provider="openai", family="fake",
+                  api_base=server.api_base, api_key_env=KEY_ENV, price_input_per_million=PRICE_IN,
+                  price_output_per_million=PRICE_OUT, max_concurrency=8, timeout_s=1.0, max_attempts=3)
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+def prompt(i: int, prefix: str = "case") -> str:
+    return f"{prefix} {i}: is this summary faithful? Answer PASS or FAIL."
+
+
+def make_requests(spec: ModelSpec, n: int, repeats: int = 1, prefix: str = "case", task: str = "grading") -> list[CallRequest]:
+    """n distinct prompts x repeats. Distinct prompts keep 'one request body' == 'one case' on the server."""
+    requests = []
+    for i in range(n):
+        messages = [{"role": "user", "content": prompt(i, prefix)}]
+        for repeat in range(repeats):
+            requests.append(CallRequest(task, "v1", f"{prefix}-{i:04d}", repeat, messages, dict(PARAMS),
+                                        cache_key(spec.config_hash, messages, PARAMS, repeat)))
+    return requests
+
+
+def run(spec: ModelSpec, requests: list[CallRequest], cache: ResponseCache, **kwargs):
+    return asyncio.run(run_model(spec, requests, cache, retry=FAST_RETRY, **kwargs))
+
+
+def assert_one_row_per_request(frame: pl.DataFrame, requests: list[CallRequest]) -> None:
+    keys = frame.select("task", "case_id", "repeat")
+    assert frame.height == len(requests), "a request was lost or answered twice"
+    assert keys.n_unique() == frame.height, "duplicate (task, case_id, repeat) rows"
+    assert set(keys.iter_rows()) == {(r.task, r.case_id, r.repeat) for r in requests}
+    assert frame["cache_key"].n_unique() == len({r.key for r in requests})
+
+
+def arrivals_by_prompt(server: FakeOpenAIServer) -> dict[str, list[float]]:
+    seen: dict[str, list[float]] = {}
+    for record in server.records:
+        seen.setdefault(record.last_message, []).append(record.arrived)
+    return seen
+
+
+# ---------------------------------------------------------------- the fake server itself
+def test_fake_server_lists_models_and_counts_exactly(server):
+    with urllib.request.urlopen(server.api_base + "/models", timeout=5) as response:
+        listing = json.load(response)
+    assert [m["id"] for m in listing["data"]] == ["fake"]
+    assert server.api_base.startswith("http://127.0.0.1:")
+    server.script = route([("boom", always(server_error()))], default=always(ok("PASS")))
+    for text in ("fine", "boom", "fine again"):
+        litellm_call = dict(model="openai/fake", api_base=server.api_base, api_key="k", num_retries=0, max_retries=0,
+                            messages=[{"role": "user", "content": text}], timeout=5)
+        try:
+            litellm.completion(**litellm_call)
+        except litellm.InternalServerError:
+            pass
+    assert (server.total, server.count(200), server.count(500), server.count("ok")) == (3, 2, 1, 2)
+
+
+# ---------------------------------------------------------------- success and accounting
+def test_instant_success_fills_every_field(server, cache):
+    server.script = always(ok("PASS", prompt_tokens=40, completion_tokens=2))
+    spec = make_spec(server)
+    requests = make_requests(spec, 12, repeats=2)
+    frame, stats = run(spec, requests, cache)
+
+    assert_one_row_per_request(frame, requests)
+    assert frame["response_text"].to_list() == ["PASS"] * 24
+    assert frame["error_class"].null_count() == 24
+    assert frame["attempts"].to_list() == [1] * 24
+    assert not frame["from_cache"].any()
+    assert frame["finish_reason"].unique().to_list() == ["stop"]
+    assert frame["cost_usd"].to_list() == pytest.approx([(40 * PRICE_IN + 2 * PRICE_OUT) / 1e6] * 24)
+    assert (frame["latency_ms"] > 0).all()
+    # Exact accounting: one HTTP request per call, each one cached.
+    assert server.total == stats.sent == 24
+    assert cache.count("fake-model") == 24
+    assert (stats.done, stats.errors, stats.retries, stats.unknown_cost) == (24, 0, 0, 0)
+
+
+def test_nonsense_text_is_a_successful_call(server, cache):
+    server.script = always(nonsense("purple monkey dishwasher }{"))
+    spec = make_spec(server)
+    requests = make_requests(spec, 5)
+    frame, stats = run(spec, requests, cache)
+    # The call worked; judging the answer is the scorer's job, not the engine's.
+    assert frame["response_text"].to_list() == ["purple monkey dishwasher }{"] * 5
+    assert frame["error_class"].null_count() == 5
+    assert frame["attempts"].to_list() == [1] * 5
+    assert stats.errors == 0 and server.total == 5
+
+
+# ---------------------------------------------------------------- retries
+def test_rate_limit_is_retried_after_the_retry_after_header(server, cache):
+    server.script = fail_first(1, rate_limited(retry_after=0.15))
+    spec = make_spec(server)
+    requests = make_requests(spec, 4)
+    frame, stats = run(spec, requests, cache)
+
+    assert frame["error_class"].null_count() == 4
+    assert frame["attempts"].to_list() == [2] * 4
+    assert (server.count(429), server.count(200), server.total) == (4, 4, 8)
+    assert stats.retries == 4
+    for text, times in arrivals_by_prompt(server).items():
+        assert len(times) == 2, text
+        # The backoff alone would be ~10 ms; waiting at least the header's 0.15 s proves it was honoured.
+        assert times[1] - times[0] >= 0.15, f"{text}: retried after {times[1] - times[0]:.3f}s"
+
+
+def test_retry_after_longer_than_the_cap_is_capped(server, cache):
+    server.script = fail_first(1, rate_limited(retry_after=30))
+    spec = make_spec(server)
+    requests = make_requests(spec, 3)
+    started = time.monotonic()
+    frame, _ = run(spec, requests, cache)
+
+    assert frame["attempts"].to_list() == [2] * 3
+    assert frame["error_class"].null_count() == 3
+    for times in arrivals_by_prompt(server).values():
+        assert 0.2 <= times[1] - times[0] < 2.0       # retry_after_cap_s = 0.2, not the server's 30 s
+    assert time.monotonic() - started < 10
+
+
+def test_server_error_is_retried_then_succeeds(server, cache):
+    server.script = fail_first(2, server_error(500))
+    spec = make_spec(server, max_attempts=3)
+    requests = make_requests(spec, 6)
+    frame, stats = run(spec, requests, cache)
+
+    assert frame["error_class"].null_count() == 6
+    assert frame["response_text"].to_list() == ["PASS"] * 6
+    assert frame["attempts"].to_list() == [3] * 6
+    assert (server.count(500), server.count(200)) == (12, 6)
+    assert stats.retries == 12 and stats.sent == server.total == 18
+
+
+def test_server_error_every_time_stops_at_max_attempts(server, cache):
+    server.script = always(server_error(503, "overloaded"))
+    spec = make_spec(server, max_attempts=4)
+    requests = make_requests(spec, 3)
+    frame, stats = run(spec, requests, cache)
+
+    assert frame["attempts"].to_list() == [4] * 3
+    assert frame["error_class"].to_list() == ["ServiceUnavailableError"] * 3
+    assert frame["response_text"].null_count() == 3 and frame["cost_usd"].null_count() == 3
+    assert server.total == 12
+    assert stats.errors == 3 and stats.error_classes == {"ServiceUnavailableError": 3}
+    assert cache.count() == 0           # failures are never cached: the next run tries again
+
+
+def test_hang_past_timeout_is_retried_then_recorded_as_error(server, cache):
+    server.script = always(hang(seconds=5))
+    spec = make_spec(server, timeout_s=0.3, max_attempts=3)
+    requests = make_requests(spec, 2)
+    started = time.monotonic()
+    frame, stats = run(spec, requests, cache)
+    elapsed = time.monotonic() - started
+
+    assert frame.height == 2
+    assert frame["error_class"].null_count() == 0
+    assert set(frame["error_class"]) <= {"Timeout", "APITimeoutError", "TimeoutError"}, frame["error_class"].to_list()
+    assert frame["attempts"].to_list() == [3, 3]
+    assert server.count("hang") == 6
+    # Each attempt is abandoned at the client timeout, never waiting out the server's 5 s.
+    assert elapsed < 3.0
+    assert frame["latency_ms"].max() < 1500
+
+
+def test_one_hang_then_success(server, cache):
+    server.script = fail_first(1, hang(seconds=5))
+    spec = make_spec(server, timeout_s=0.3)
+    frame, _ = run(spec, make_requests(spec, 3), cache)
+    assert frame["attempts"].to_list() == [2] * 3
+    assert frame["error_class"].null_count() == 3
+    assert (server.count("hang"), server.count("ok")) == (3, 3)
+
+
+@pytest.mark.parametrize("reply", [garbage("<html>502 upstream confused</html>", "text/html"),
+                                   garbage('{"choices": [ truncated', "application/json")],
+                         ids=["html-body", "broken-json"])
+def test_garbage_body_is_an_error_not_a_crash(server, cache, reply):
+    server.script = always(reply)
+    spec = make_spec(server, max_attempts=3)
+    requests = make_requests(spec, 4)
+    frame, stats = run(spec, requests, cache)
+
+    assert_one_row_per_request(frame, requests)
+    assert frame["error_class"].null_count() == 0
+    assert frame["response_text"].null_count() == 4
+    assert frame["error_message"].str.len_chars().min() > 0
+    assert frame["attempts"].is_between(1, 3).all()
+    # Whatever litellm decides about retrying it, every HTTP request is accounted for.
+    assert server.total == frame["attempts"].sum() == stats.sent
+    assert cache.count() == 0
+
+
+def test_mixed_failures_give_exactly_one_row_per_request(server, cache):
+    server.script = random_mix(seed=7, fractions={rate_limited(0.01): 0.15, server_error(500): 0.10,
+                                                  server_error(502): 0.05, garbage(): 0.05, nonsense(): 0.10})
+    spec = make_spec(server, max_concurrency=16, max_attempts=4)
+    requests = make_requests(spec, 60, repeats=3)
+    frame, stats = run(spec, requests, cache)
+
+    assert_one_row_per_request(frame, requests)
+    assert stats.done == stats.total == 180
+    assert server.total == frame["attempts"].sum() == stats.sent
+    assert stats.errors == frame["error_class"].drop_nulls().len()
+    assert cache.count() == frame["error_class"].null_count()
+    assert server.count(429) > 0 and server.count(500) > 0 and server.count("garbage") > 0
+
+
+# ---------------------------------------------------------------- cache, resume
+def test_unchanged_rerun_sends_nothing(server, cache, tmp_path):
+    server.script = always(ok("FAIL", prompt_tokens=30, completion_tokens=1))
+    spec = make_spec(server)
+    requests = make_requests(spec, 20, repeats=3)
+    first, _ = run(spec, requests, cache)
+    sent_first = server.total
+    assert sent_first == 60
+
+    # A fresh cache object on the same file: what the next process would see.
+    with ResponseCache(cache.path) as reopened:
+        second, stats = run(spec, requests, reopened)
+    assert server.total == sent_first, "an unchanged rerun must not send any request"
+    assert_one_row_per_request(second, requests)
+    assert second["from_cache"].all() and second["attempts"].to_list() == [0] * 60
+    assert (stats.cached, stats.sent) == (60, 0)
+    columns = ["task", "case_id", "repeat", "response_text", "input_tokens", "output_tokens", "cost_usd", "latency_ms"]
+    assert second.select(columns).equals(first.select(columns))
+
+
+def test_rerun_resends_only_the_failed_calls(server, cache):
+    # Prompts of case 3 and 7 fail every time on the first run; everything else succeeds.
+    server.script = route([("case 3:", always(server_error(500))), ("case 7:", always(server_error(500)))])
+    spec = make_spec(server, max_attempts=2)
+    requests = make_requests(spec, 10)
+    first, _ = run(spec, requests, cache)
+    assert first["error_class"].drop_nulls().len() == 2 and server.total == 8 + 2 * 2
+
+    server.script = always(ok())
+    server.reset()
+    second, stats = run(spec, requests, cache)
+    assert server.total == 2
+    assert {r.last_message for r in server.records} == {prompt(3), prompt(7)}
+    assert second["error_class"].null_count() == 10
+    assert stats.cached == 8
+
+
+def test_interrupted_run_resumes_without_resending_finished_calls(server, cache):
+    server.script = always(ok())
+    spec = make_spec(server, max_concurrency=4)
+    requests = make_requests(spec, 40)
+
+    async def interrupted_run():
+        # Cancel the whole run (as Ctrl-C or a killed Dagster step would) once 10 calls are finished.
+        def progress(stats):
+            if stats.done >= 10:
+                run_task.cancel()
+
+        run_task = asyncio.create_task(run_model(spec, requests, cache, retry=FAST_RETRY,
+                                                 on_progress=progress, progress_every=1))
+        done, _ = await asyncio.wait([run_task], timeout=30)
+        assert run_task in done and run_task.cancelled()
+
+    asyncio.run(interrupted_run())
+    finished = cache.count()
+    assert 10 <= finished < 40
+    finished_prompts = {r.last_message for r in server.records if r.label == "ok"}
+    server.reset()
+
+    with ResponseCache(cache.path) as reopened:
+        # Only prompts that never finished may go out again; the cached ones are read back.
+        cached_keys = set(reopened.get_many([r.key for r in requests]))
+        frame, stats = run(spec, requests, reopened)
+    resent = [r.last_message for r in server.records]
+    assert server.total == 40 - finished == len(set(resent))
+    assert not set(resent) & {prompt(int(r.case_id[-4:])) for r in requests if r.key in cached_keys}
+    assert_one_row_per_request(frame, requests)
+    assert frame["from_cache"].sum() == finished == stats.cached
+    assert frame["error_class"].null_count() == 40
+    # Requests cut off mid-flight by the cancel reached the server but were never cached: resent, as they must be.
+    assert finished_prompts >= {prompt(int(r.case_id[-4:])) for r in requests if r.key in cached_keys}
+
+
+def test_partial_cache_from_an_earlier_run_is_reused(server, cache):
+    server.script = always(ok())
+    spec = make_spec(server)
+    requests = make_requests(spec, 30)
+    run(spec, requests[:12], cache)
+    server.reset()
+    frame, stats = run(spec, requests, cache)
+    assert server.total == 18
+    assert {r.last_message for r in server.records} == {prompt(i) for i in range(12, 30)}
+    assert frame["from_cache"].sum() == 12 and stats.sent == 18
+
+
+def test_golden_sets_through_build_requests(server, cache):
+    from model_eval.golden import load_tasks, read_cases
+
+    tasks = load_tasks(GOLDEN_DIR)
+    cases = pl.concat([read_cases(t) for t in tasks])
+    server.script = random_mix(seed=11, fractions={rate_limited(0.01): 0.1, server_error(500): 0.1})
+    spec = make_spec(server, max_concurrency=16, max_attempts=5)
+    requests = build_requests(spec, tasks, cases)
+    assert len(requests) == sum(t.repeats * cases.filter(pl.col("task") == t.name).height for t in tasks)
+
+    frame, _ = run(spec, requests, cache)
+    assert_one_row_per_request(frame, requests)
+    sent = server.total
+    assert sent == frame["attempts"].sum()
+    again, stats = run(spec, requests, cache)
+    assert server.total == sent + (again.height - again["from_cache"].sum())
+    assert stats.cached == cache.count()
+
+
+# ---------------------------------------------------------------- cost and secrets
+def test_unknown_price_is_null_never_zero(server, cache):
+    server.script = always(ok(prompt_tokens=50, completion_tokens=3))
+    spec = make_spec(server, price_input_per_million=None, price_output_per_million=None,
+                     litellm_model="openai/fake-model-litellm-cannot-price")
+    frame, stats = run(spec, make_requests(spec, 5), cache)
+    assert frame["error_class"].null_count() == 5
+    assert frame["cost_usd"].null_count() == 5, frame["cost_usd"].to_list()
+    assert stats.unknown_cost == 5
+    # And from the cache the price is still unknown, not 0.
+    again, _ = run(spec, make_requests(spec, 5), cache)
+    assert again["from_cache"].all() and again["cost_usd"].null_count() == 5
+
+
+def test_price_from_litellm_map_when_the_registry_has_none(server, cache):
+    server.script = always(ok(prompt_tokens=1000, completion_tokens=100))
+    spec = make_spec(server, price_input_per_million=None, price_output_per_million=None,
+                     litellm_model="openai/gpt-4o-mini")
+    frame, stats = run(spec, make_requests(spec, 2), cache)
+    assert stats.unknown_cost == 0
+    assert (frame["cost_usd"] > 0).all()
+
+
+@pytest.mark.parametrize("status,attempts", [(401, 1), (500, 3)])
+def test_api_key_echoed_in_a_server_error_is_redacted(server, cache, status, attempts):
+    server.script = always(server_error(status, "Incorrect API key provided", echo_key=True))
+    spec = make_spec(server, max_attempts=3)
+    frame, _ = run(spec, make_requests(spec, 2), cache)
+
+    assert frame["attempts"].to_list() == [attempts] * 2
+    messages = frame["error_message"].to_list()
+    assert all("Incorrect API key provided" in m for m in messages)
+    assert all(SECRET not in m and "***" in m for m in messages), messages
+    assert SECRET not in frame.write_csv()
