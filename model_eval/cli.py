@@ -7,8 +7,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 from model_eval.settings import PROJECT_ROOT, ProjectPaths
@@ -40,11 +38,6 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _user_error(exc: BaseException) -> BaseException:
-    """The exception a person should see, unwrapped from Dagster's step-failure wrapper."""
-    return getattr(exc, "user_exception", None) or exc
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from model_eval.errors import ModelEvalError
     from model_eval.golden import load_tasks
@@ -72,45 +65,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     _prepare_dagster_home()
     import dagster as dg
 
-    from model_eval.defs.resources import EVAL_RUN_TAG, TRIGGER_TAG
     from model_eval.definitions import defs
-    from model_eval.serving import local_models_served
+    from model_eval.orchestration import run_evaluation
 
-    eval_run_id = f"eval-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    tags = {EVAL_RUN_TAG: eval_run_id, TRIGGER_TAG: "cli"}
-    logging_config = {"loggers": {"console": {"config": {"log_level": "INFO" if args.verbose else "WARNING"}}}}
     task_names = [t.name for t in tasks]
     instance = dg.DagsterInstance.get()
-    print(f"eval run {eval_run_id}: {len(runnable)} model(s) x {len(task_names)} task(s); Dagster instance {os.environ['DAGSTER_HOME']}")
+    print(f"{len(runnable)} model(s) x {len(task_names)} task(s); Dagster instance {os.environ['DAGSTER_HOME']}", flush=True)
     started = time.perf_counter()
-
-    def execute(job_name: str, **kwargs) -> bool:
-        job = defs.resolve_job_def(job_name)
-        try:
-            result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - report the user-facing cause and stop cleanly
-            print(f"error in {job_name}: {_user_error(exc)}", file=sys.stderr)
-            return False
-        return result.success
-
-    if not execute("prepare", run_config=logging_config):
-        return 1
-    failed = []
-    with local_models_served(registry, runnable, paths.warehouse_file.parent / "run"):
-        for index, spec in enumerate(runnable, start=1):
-            t0 = time.perf_counter()
-            print(f"[{index}/{len(runnable)}] {spec.name} ...", flush=True)
-            config = {**logging_config, "ops": {"inference_results": {"config": {"tasks": task_names}}}}
-            if execute("evaluate_model", partition_key=spec.name, run_config=config):
-                print(f"[{index}/{len(runnable)}] {spec.name} done in {time.perf_counter() - t0:.1f} s", flush=True)
-            else:
-                failed.append(spec.name)
-    if len(failed) == len(runnable) or not execute("recommend", run_config=logging_config):
-        return 1
-    _print_leaderboard(paths, eval_run_id, task_names)
-    print(f"\nfinished in {time.perf_counter() - started:.1f} s; warehouse: {paths.warehouse_file}")
-    if failed:
-        print(f"failed models: {', '.join(failed)}", file=sys.stderr)
+    outcome = run_evaluation(defs, instance, paths, registry, runnable, task_names, trigger="cli",
+                             log_level="INFO" if args.verbose else "WARNING")
+    if outcome.error:
+        for model, error in outcome.failed.items():
+            print(f"error: {model}: {error}", file=sys.stderr)
+        return _fail(outcome.error)
+    _print_leaderboard(paths, outcome.eval_run_id, task_names)
+    print(f"\neval run {outcome.eval_run_id} finished in {time.perf_counter() - started:.1f} s; warehouse: {paths.warehouse_file}")
+    if outcome.failed:
+        for model, error in outcome.failed.items():
+            print(f"error: {model}: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -28,7 +28,8 @@ per_case_summary AS (
 per_call AS (
     SELECT eval_run_id, model, task, dataset_version,
            count(*) AS calls,
-           sum(correct::BIGINT) AS correct_calls,
+           count(*) FILTER (WHERE correct) AS correct_calls,
+           avg(correct::DOUBLE) AS accuracy,
            avg(score) AS mean_score,
            avg((NOT call_failed)::DOUBLE) AS success_rate,
            quantile_cont(latency_ms, 0.50) FILTER (WHERE NOT call_failed) AS p50_latency_ms,
@@ -43,7 +44,7 @@ per_call AS (
     FROM scores {where}
     GROUP BY ALL
 )
-SELECT c.eval_run_id, c.model, c.task, c.dataset_version, s.cases, c.calls, c.correct_calls, c.mean_score,
+SELECT c.eval_run_id, c.model, c.task, c.dataset_version, s.cases, c.calls, c.correct_calls, c.accuracy, c.mean_score,
        s.correctness, s.consistency, c.success_rate, c.p50_latency_ms, c.p95_latency_ms, c.p99_latency_ms,
        c.mean_input_tokens, c.mean_output_tokens, c.total_cost_usd, c.total_cost_usd / s.cases AS cost_per_case_usd,
        c.evaluated_at
@@ -60,11 +61,10 @@ def compute_metrics(conn: duckdb.DuckDBPyConnection, eval_run_ids: list[str] | N
         where = "WHERE list_contains($ids::VARCHAR[], eval_run_id)"
         frame = conn.sql(METRICS_SQL.format(where=where), params={"ids": eval_run_ids}).pl()
     if frame.is_empty():
-        return frame.with_columns(pl.lit(None, pl.Float64).alias("accuracy"), pl.lit(None, pl.Float64).alias("accuracy_low"),
+        return frame.with_columns(pl.lit(None, pl.Float64).alias("accuracy_low"),
                                   pl.lit(None, pl.Float64).alias("accuracy_high")).drop("correct_calls")
     bounds = [wilson_interval(int(k), int(n)) for k, n in zip(frame["correct_calls"], frame["calls"])]
     return frame.with_columns(
-        (pl.col("correct_calls") / pl.col("calls")).alias("accuracy"),
         pl.Series("accuracy_low", [b[0] for b in bounds], dtype=pl.Float64),
         pl.Series("accuracy_high", [b[1] for b in bounds], dtype=pl.Float64),
     ).drop("correct_calls")

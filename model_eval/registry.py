@@ -246,10 +246,10 @@ def load_registry(path: Path) -> Registry:
 def availability(spec: ModelSpec, connect_timeout_s: float = 0.5) -> str | None:
     """None when the model can be called now, else the reason it is skipped (for a clear log line)."""
     if spec.local_model:
-        from model_eval.local_models import model_path
+        from model_eval.local_models import local_model_path
 
         try:
-            model_path(spec.local_model)
+            local_model_path(spec.local_model)
         except Exception as exc:  # noqa: BLE001 - any failure to locate weights means "skip, and say why"
             return f"local model '{spec.local_model}' is not available: {exc}"
         return None

@@ -1,0 +1,90 @@
+"""Run a whole evaluation through a Dagster instance: prepare, one run per model partition, recommend.
+
+Used by `model-eval run` and the end-to-end tests; the schedule and sensors request the same jobs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+import dagster as dg
+
+from model_eval.defs.resources import EVAL_RUN_TAG, TRIGGER_TAG
+from model_eval.registry import Registry, ModelSpec
+from model_eval.serving import local_models_served
+from model_eval.settings import ProjectPaths
+
+
+@dataclass
+class EvaluationOutcome:
+    eval_run_id: str
+    succeeded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)   # model -> error
+    error: str | None = None                                  # prepare/recommend failure
+    dagster_run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.failed
+
+
+def new_eval_run_id() -> str:
+    return f"eval-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def user_error(exc: BaseException) -> BaseException:
+    """The exception a person should see, unwrapped from Dagster's step-failure wrapper."""
+    return getattr(exc, "user_exception", None) or exc
+
+
+def run_evaluation(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    paths: ProjectPaths,
+    registry: Registry,
+    models: list[ModelSpec],
+    task_names: list[str],
+    *,
+    trigger: str = "cli",
+    log_level: str = "WARNING",
+    say: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> EvaluationOutcome:
+    outcome = EvaluationOutcome(eval_run_id=new_eval_run_id())
+    tags = {EVAL_RUN_TAG: outcome.eval_run_id, TRIGGER_TAG: trigger}
+    logging_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+
+    def execute(job_name: str, **kwargs) -> str | None:
+        """Run a job in this process, recorded in the instance; returns the error text, or None."""
+        job = defs.resolve_job_def(job_name)
+        try:
+            result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - report the user-facing cause; the run is recorded as failed
+            return str(user_error(exc))
+        outcome.dagster_run_ids.append(result.run_id)
+        return None
+
+    if error := execute("prepare", run_config=logging_config):
+        outcome.error = f"prepare: {error}"
+        return outcome
+    with local_models_served(registry, models, paths.warehouse_file.parent / "run"):
+        for index, spec in enumerate(models, start=1):
+            started = time.perf_counter()
+            say(f"[{index}/{len(models)}] {spec.name}: evaluating ...")
+            config = {**logging_config, "ops": {"inference_results": {"config": {"tasks": task_names}}}}
+            error = execute("evaluate_model", partition_key=spec.name, run_config=config)
+            if error:
+                outcome.failed[spec.name] = error
+                say(f"[{index}/{len(models)}] {spec.name}: FAILED: {error}")
+            else:
+                outcome.succeeded.append(spec.name)
+                say(f"[{index}/{len(models)}] {spec.name}: done in {time.perf_counter() - started:.1f} s")
+    if not outcome.succeeded:
+        outcome.error = "no model was evaluated"
+        return outcome
+    if error := execute("recommend", run_config=logging_config):
+        outcome.error = f"recommend: {error}"
+    return outcome
