@@ -59,7 +59,7 @@ litellm.suppress_debug_info = True
 
 TARGET_RATIO = 0.9               # the engine keeps >= 90% of bare litellm throughput
 TARGET_RERUN_SENT = 0            # an unchanged re-run sends nothing
-TARGET_RERUN_S = 2.0             # ...and answers 2,000 calls from the cache in under 2 s
+TARGET_RERUN_MS_PER_CALL = 1.0   # ...and answers from the cache in under 1 ms a call (2 s for 2,000)
 TARGET_METRICS_1M_S = 10.0       # metrics over 1M score rows
 TARGET_SCORE_AND_METRICS_1M_S = 60.0   # scoring + metrics of 1M rows, a full re-score of a big history
 PARAMS = {"max_tokens": 8}
@@ -162,7 +162,7 @@ def measure_inference(calls: int, concurrency: int, rounds: int, workdir: Path, 
         # thermal, the server's heap) then weighs on both sides equally.
         per_round = calls // rounds
         bare_s = engine_s = 0.0
-        last_requests, last_cache = None, None
+        done: list[tuple[list[CallRequest], Path]] = []
         for r in range(rounds):
             requests = make_requests(spec, per_round, salt=f"round {r} ")
             cache_path = workdir / f"engine-{r}.sqlite"        # a fresh cache every round
@@ -178,21 +178,24 @@ def measure_inference(calls: int, concurrency: int, rounds: int, workdir: Path, 
                         raise RuntimeError(f"engine run had {stats.errors} errors / {frame.height} rows: not a clean benchmark")
             if endpoint.sent() - before != 2 * len(requests):
                 raise RuntimeError("the server saw a different number of calls than were made; the comparison is off")
-            last_requests, last_cache = requests, cache_path
+            done.append((requests, cache_path))
 
-        # (b) the unchanged re-run of the last round's requests on its cache.
+        # (b) the unchanged re-run: every round's requests again, each on the cache its run filled.
         before = endpoint.sent()
-        rerun_s, frame, _ = engine_run(spec, last_requests, last_cache)
+        rerun_s, from_cache = 0.0, 0
+        for requests, cache_path in done:
+            seconds, frame, _ = engine_run(spec, requests, cache_path)
+            rerun_s += seconds
+            from_cache += int(frame["from_cache"].sum())
         rerun_sent = endpoint.sent() - before
 
         profile_text = None
-        if profile or (per_round * rounds) / engine_s < TARGET_RATIO * (per_round * rounds) / bare_s:
+        if profile or bare_s / engine_s < TARGET_RATIO:
             profiler = cProfile.Profile()
             engine_run(spec, make_requests(spec, min(per_round, 1000), salt="profile "), workdir / "profile.sqlite", profiler)
             profile_text = top_functions(profiler)
         return InferenceFigures(calls=per_round * rounds, bare_s=bare_s, engine_s=engine_s, rerun_sent=rerun_sent,
-                                rerun_s=rerun_s, rerun_rows_from_cache=int(frame["from_cache"].sum()),
-                                profile=profile_text)
+                                rerun_s=rerun_s, rerun_rows_from_cache=from_cache, profile=profile_text)
     finally:
         endpoint.close()
 
@@ -295,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="model_eval_bench_") as tmp:
         workdir = Path(tmp)
         print(f"(a)+(b) inference: {args.calls} calls per side at concurrency {args.concurrency}...", flush=True)
@@ -313,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         ("(a) model_eval run_model, fresh cache", f"{engine_rate:,.0f} calls/s", "", ""),
         ("(a) engine / bare", f"{ratio:.3f}", f">= {TARGET_RATIO}", verdict(ratio >= TARGET_RATIO)),
         ("(b) re-run: calls sent to server", f"{inf.rerun_sent}", f"= {TARGET_RERUN_SENT}",
-         verdict(inf.rerun_sent == TARGET_RERUN_SENT and inf.rerun_rows_from_cache == inf.calls // args.rounds)),
-        (f"(b) re-run: wall time, {inf.calls // args.rounds:,} calls", f"{inf.rerun_s:.3f} s", f"<= {TARGET_RERUN_S} s",
-         verdict(inf.rerun_s <= TARGET_RERUN_S)),
+         verdict(inf.rerun_sent == TARGET_RERUN_SENT and inf.rerun_rows_from_cache == inf.calls)),
+        (f"(b) re-run: wall time, {inf.calls:,} calls", f"{inf.rerun_s:.3f} s",
+         f"<= {TARGET_RERUN_MS_PER_CALL * inf.calls / 1000:g} s", verdict(inf.rerun_s <= TARGET_RERUN_MS_PER_CALL * inf.calls / 1000)),
         (f"(c) compute_metrics, {args.metric_rows:,} score rows", f"{metrics_s:.2f} s ({metric_rows} metric rows)",
          f"<= {TARGET_METRICS_1M_S} s per 1M", verdict(metrics_1m_s <= TARGET_METRICS_1M_S)),
         (f"(c) score_results (verdict), {args.score_rows:,} rows", f"{score_s:.2f} s = {per_row_us:.1f} us/row", "", ""),
@@ -327,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"model_eval benchmark  {dt.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"machine: {os.cpu_count()} cores, {platform.machine()}, {platform.system()} {platform.release()}, "
-          f"python {platform.python_version()}")
+          f"python {platform.python_version()}; load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after (other processes share these cores)")
     print(f"versions: {versions()}")
     print(f"endpoint: fake OpenAI server (test double) in a separate process, instant replies; "
           f"{args.rounds} interleaved rounds")

@@ -17,6 +17,9 @@ Endpoints (on 127.0.0.1, ephemeral port, in a background thread with its own eve
 * ``GET  /_fake/stats``         - the counters as JSON; used when the server runs in another
                                   process (``python -m model_eval_tests.fake_openai_server``).
 
+Replies: `ok(text, tokens)`, `nonsense()`, `rate_limited(retry_after)`, `server_error(status)`,
+`hang(seconds)`, `slow_body(seconds)` and `garbage(body)`; see `Reply` for what each sends.
+
 A *script* is any callable ``(RequestInfo) -> Reply``. Ready-made ones:
 
 * `always(reply)`                         - the same reply every time (default: instant success).
@@ -65,6 +68,8 @@ class Reply:
       "error"    - an OpenAI-style JSON error body with HTTP `status` (e.g. 429, 500, 401).
       "hang"     - wait `hang_s` seconds (longer than the client's timeout), then answer "ok".
       "garbage"  - HTTP 200 whose body is `body` (not JSON), with `content_type`.
+      "drip"     - a valid completion sent in `drip_chunks` pieces, `drip_interval_s` apart: every
+                   read is quick, the whole answer slow (a per-read timeout never fires).
     retry_after: sent as a Retry-After header (seconds) when not None.
     echo_key:    for "error": append the Authorization header the client sent to the message, the
                  way some providers echo a bad key back; tests check the engine redacts it.
@@ -82,9 +87,11 @@ class Reply:
     hang_s: float = 5.0
     body: str = "<html>this is not JSON</html>"
     content_type: str = "text/html"
+    drip_chunks: int = 10
+    drip_interval_s: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ok", "error", "hang", "garbage"):
+        if self.kind not in ("ok", "error", "hang", "garbage", "drip"):
             raise ValueError(f"unknown reply kind {self.kind!r}")
 
     @property
@@ -114,6 +121,11 @@ def server_error(status: int = 500, message: str = "The server had an error proc
 
 def hang(seconds: float = 5.0) -> Reply:
     return Reply(kind="hang", hang_s=seconds)
+
+
+def slow_body(seconds: float = 2.0, chunks: int = 10, text: str = "PASS") -> Reply:
+    """Headers at once, then the body trickled out over `seconds`."""
+    return Reply(kind="drip", text=text, drip_chunks=chunks, drip_interval_s=seconds / chunks)
 
 
 def garbage(body: str = "<html>502 upstream confused</html>", content_type: str = "text/html") -> Reply:
@@ -388,6 +400,8 @@ class FakeOpenAIServer:
                 return web.Response(status=503, text="shutting down")
         if reply.kind in ("ok", "hang"):
             return web.json_response(self._completion(payload, reply))
+        if reply.kind == "drip":
+            return await self._drip(request, payload, reply)
         if reply.kind == "garbage":
             return web.Response(status=200, body=reply.body.encode(), content_type=reply.content_type)
         message = reply.message
@@ -395,6 +409,23 @@ class FakeOpenAIServer:
             message = f"{message} (received credentials: {info.authorization.removeprefix('Bearer ')})"
         headers = {"Retry-After": _format_seconds(reply.retry_after)} if reply.retry_after is not None else None
         return _error_response(reply.status, message, _error_type(reply.status), headers)
+
+    async def _drip(self, request: web.Request, payload: dict[str, Any], reply: Reply) -> web.StreamResponse:
+        body = json.dumps(self._completion(payload, reply)).encode()
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        step = max(1, -(-len(body) // reply.drip_chunks))   # ceiling division: exactly drip_chunks pieces
+        for start in range(0, len(body), step):
+            await response.write(body[start:start + step])
+            if start + step < len(body):
+                try:   # a stop() wakes us; the client then sees a truncated body
+                    await asyncio.wait_for(self._stopping.wait(), timeout=reply.drip_interval_s)
+                    return response
+                except asyncio.TimeoutError:
+                    pass
+        await response.write_eof()
+        return response
 
     def _record(self, info: RequestInfo | None, label: str, status: int, arrived: float, last_message: str) -> None:
         with self._lock:
