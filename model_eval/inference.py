@@ -220,11 +220,38 @@ async def run_model(
         if row["cost_usd"] is None and not row["error_class"]:
             stats.unknown_cost += 1
         if on_progress and (stats.done % progress_every == 0 or stats.done == stats.total):
-            on_progress(stats)
+            try:
+                on_progress(stats)
+            except Exception as exc:  # noqa: BLE001 - progress reporting must never change the results
+                log.warning("progress callback failed: %s", exc)
 
     def base_row(req: CallRequest) -> dict[str, Any]:
         return {"model": spec.name, "task": req.task, "dataset_version": req.dataset_version, "case_id": req.case_id,
                 "repeat": req.repeat, "cache_key": req.key}
+
+    pending_cache: list[tuple[str, str, dict[str, Any]]] = []
+    last_flush = time.monotonic()
+
+    def remember(key: str, payload: dict[str, Any]) -> None:
+        """Buffer successful answers and write them at most every 0.1 s or 50 calls.
+
+        A write per call costs a synchronous SQLite commit on the event loop (it was the engine's
+        largest cost in benchmarks); a run killed now loses at most that window of answers.
+        """
+        nonlocal last_flush
+        pending_cache.append((key, spec.name, payload))
+        if len(pending_cache) >= 50 or time.monotonic() - last_flush >= 0.1:
+            flush_cache()
+
+    def flush_cache() -> None:
+        nonlocal last_flush
+        batch = pending_cache[:]
+        pending_cache.clear()
+        last_flush = time.monotonic()
+        try:
+            cache.put_many(batch)
+        except Exception as exc:  # noqa: BLE001 - the answers are still recorded in the results; only resumability suffers
+            log.warning("model %s: could not write %d answers to the response cache: %s", spec.name, len(batch), exc)
 
     async def one(req: CallRequest) -> None:
         hit = cached.get(req.key)
@@ -241,35 +268,42 @@ async def run_model(
                 stats.sent += 1
                 t0 = time.perf_counter()
                 try:
-                    response = await completion(
-                        model=spec.litellm_model, messages=req.messages, api_base=spec.api_base,
-                        api_key=spec.api_key() or ("sk-no-key" if spec.api_base else None),
-                        timeout=spec.timeout_s, num_retries=0, max_retries=0, **req.params,
-                    )
-                    latency_ms = (time.perf_counter() - t0) * 1000
-                    text, finish_reason = _text_and_finish(response)
-                    input_tokens, output_tokens = _usage(response)
-                    payload = {"response_text": text, "latency_ms": latency_ms, "input_tokens": input_tokens,
-                               "output_tokens": output_tokens, "finish_reason": finish_reason}
-                    cache.put(req.key, spec.name, payload)
-                    finish({**base_row(req), **payload, "cost_usd": cost_of(input_tokens, output_tokens),
-                            "error_class": None, "error_message": None, "attempts": attempt, "from_cache": False,
-                            "completed_at": time.time()})
-                    return
+                    # httpx applies the provider timeout per read; this makes it a deadline for the
+                    # whole call, so a server trickling its answer cannot hold a slot indefinitely.
+                    # The small grace lets the provider's own timeout (a clearer error) fire first.
+                    async with asyncio.timeout(spec.timeout_s * 1.1 + 0.5):
+                        response = await completion(
+                            model=spec.litellm_model, messages=req.messages, api_base=spec.api_base,
+                            api_key=spec.api_key() or ("sk-no-key" if spec.api_base else None),
+                            timeout=spec.timeout_s, num_retries=0, max_retries=0, **req.params,
+                        )
                 except Exception as exc:  # noqa: BLE001 - every failure is recorded, none crashes the run
                     latency_ms = (time.perf_counter() - t0) * 1000
                     if is_retryable(exc) and attempt < spec.max_attempts:
                         stats.retries += 1
                         await asyncio.sleep(retry.delay(attempt, retry_after_seconds(exc)))
                         continue
-                    message = redact(str(exc), secrets)[:2000]
                     finish({**base_row(req), "response_text": None, "latency_ms": latency_ms, "input_tokens": None,
                             "output_tokens": None, "finish_reason": None, "cost_usd": None,
-                            "error_class": type(exc).__name__, "error_message": message, "attempts": attempt,
-                            "from_cache": False, "completed_at": time.time()})
+                            "error_class": type(exc).__name__, "error_message": redact(str(exc), secrets)[:2000],
+                            "attempts": attempt, "from_cache": False, "completed_at": time.time()})
                     return
+                # Success: outside the try, so a problem recording it can never add a second, failed row.
+                latency_ms = (time.perf_counter() - t0) * 1000
+                text, finish_reason = _text_and_finish(response)
+                input_tokens, output_tokens = _usage(response)
+                payload = {"response_text": text, "latency_ms": latency_ms, "input_tokens": input_tokens,
+                           "output_tokens": output_tokens, "finish_reason": finish_reason}
+                remember(req.key, payload)
+                finish({**base_row(req), **payload, "cost_usd": cost_of(input_tokens, output_tokens),
+                        "error_class": None, "error_message": None, "attempts": attempt, "from_cache": False,
+                        "completed_at": time.time()})
+                return
 
-    await asyncio.gather(*(one(r) for r in requests))
+    try:
+        await asyncio.gather(*(one(r) for r in requests))
+    finally:
+        flush_cache()
     stats.wall_s = time.perf_counter() - started
     frame = pl.DataFrame(rows, schema=RESULT_SCHEMA).sort("task", "case_id", "repeat")
     return frame, stats

@@ -412,10 +412,7 @@ def test_api_key_echoed_in_a_server_error_is_redacted(server, cache, status, att
     assert SECRET not in frame.write_csv()
 
 
-# ---------------------------------------------------------------- known engine bugs (strict xfail: fixing them turns these red)
-@pytest.mark.xfail(strict=True, reason="engine bug: timeout_s reaches httpx as a per-read timeout, so a server that "
-                                       "trickles its answer holds the call far past timeout_s (inference.py, the "
-                                       "`await completion(...)` is not wrapped in asyncio.timeout)")
+# ---------------------------------------------------------------- regressions: bugs found in the engine and fixed
 def test_timeout_is_a_deadline_for_the_whole_call(server, cache):
     server.script = always(slow_body(seconds=2.0, chunks=10))     # each read 0.2 s: under the 0.3 s timeout
     spec = make_spec(server, timeout_s=0.3, max_attempts=1)
@@ -425,8 +422,6 @@ def test_timeout_is_a_deadline_for_the_whole_call(server, cache):
     assert frame["error_class"][0] is not None
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: on_progress (and cache.put) run inside the call's try block, so "
-                                       "an exception there records a second, failed row for a call that succeeded")
 def test_a_failing_progress_callback_does_not_duplicate_rows(server, cache):
     server.script = always(ok())
     spec = make_spec(server)
