@@ -170,6 +170,8 @@ class CostCalculator:
 async def _default_completion(**kwargs):
     import litellm
 
+    # Otherwise litellm prints a "Give Feedback / Get Help" banner for every failed call.
+    litellm.suppress_debug_info = True
     return await litellm.acompletion(**kwargs)
 
 
