@@ -130,14 +130,17 @@ class Scorer(ABC):
             settings_problem = self.validate_settings(settings)
             if settings_problem:
                 return zero(f"cannot score: {settings_problem}")
+            expected_problem = self.validate_expected(expected, as_settings(settings))
+            if expected_problem:
+                return zero(f"cannot score: {expected_problem}")
             return self._score(text, expected, as_settings(settings))
         except Exception as exc:  # noqa: BLE001 - the contract is "never raise"
             return zero(f"scorer error ({type(exc).__name__}: {exc})"[:500])
 
     @abstractmethod
     def _score(self, text: str, expected: Any, settings: Mapping[str, Any]) -> Score:
-        """Score a non-empty reply (reasoning already stripped). May raise;
-        `score` turns exceptions into zero scores."""
+        """Score a non-empty reply (reasoning already stripped) against a valid expected value.
+        May raise; `score` turns exceptions into zero scores."""
 
     def validate_settings(self, settings: Mapping[str, Any] | None) -> str | None:
         """Error message naming the bad field, or None if the settings are usable."""

@@ -95,9 +95,6 @@ class LabelScorer(Scorer):
     allowed_settings = frozenset({"labels"})
 
     def _score(self, text: str, expected: Any, settings: Mapping[str, Any]) -> Score:
-        problem = self.validate_expected(expected, settings)
-        if problem:
-            return zero(f"cannot score: {problem}")
         labels: list[str] = list(settings["labels"])
         by_normal_form = {normalise_label(label): label for label in labels}
 

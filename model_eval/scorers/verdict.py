@@ -119,9 +119,6 @@ class VerdictScorer(Scorer):
     name = "verdict"
 
     def _score(self, text: str, expected: Any, settings: Mapping[str, Any]) -> Score:
-        problem = self.validate_expected(expected, settings)
-        if problem:
-            return zero(f"cannot score: {problem}")
         verdict, how = parse_verdict(text)
         if verdict is None:
             return zero(how)
