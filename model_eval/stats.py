@@ -104,3 +104,37 @@ def prob_at_least(p: float, n: float, threshold: float) -> float:
         raise ValueError(f"threshold must be within 0..1, got {threshold!r}")
     smoothed, variance = _smoothed(p, n)
     return normal_cdf((smoothed - threshold) / math.sqrt(variance))
+
+
+# ---------------------------------------------------------------- paired comparisons (promotion gates)
+def mcnemar_exact(champion_only: int, incumbent_only: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs.
+
+    champion_only: pairs the champion got right and the incumbent wrong; incumbent_only: the reverse.
+    Pairs both got right (or both wrong) say nothing about which is better, so they do not enter.
+    Under "equally good" each discordant pair is a fair coin, so the count is Binomial(n, 1/2).
+    """
+    n = champion_only + incumbent_only
+    if n == 0:
+        return 1.0
+    k = min(champion_only, incumbent_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(differences: list[float], resamples: int = 4000, seed: int = 0) -> tuple[float, float, tuple[float, float]]:
+    """Mean of per-case differences (champion - incumbent), the one-sided p-value that the champion
+    is NOT worse (share of resampled means >= 0), and a 95% percentile interval of the mean.
+
+    A small p-value means the champion is significantly worse. Seeded: the same data gives the same answer.
+    """
+    if not differences:
+        return 0.0, 1.0, (0.0, 0.0)
+    import random
+
+    rng = random.Random(seed)
+    n = len(differences)
+    observed = sum(differences) / n
+    means = sorted(sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    p_not_worse = sum(1 for m in means if m >= 0) / resamples
+    return observed, p_not_worse, (means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1])

@@ -96,3 +96,27 @@ def test_prob_at_least_threshold():
     assert prob_at_least(0.5, 100, 0.8) < 0.001
     with pytest.raises(ValueError):
         prob_at_least(0.5, 10, 1.5)
+
+
+# ---------------------------------------------------------------- paired comparisons
+from model_eval.stats import mcnemar_exact, paired_bootstrap  # noqa: E402
+
+
+def test_mcnemar_exact_matches_the_binomial_by_hand():
+    # 1 vs 9 discordant pairs: 2 * (C(10,0) + C(10,1)) / 2^10 = 22/1024
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(9, 1) == pytest.approx(22 / 1024)  # symmetric: direction is read from the counts
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+
+
+def test_paired_bootstrap_flags_a_clearly_worse_champion_only():
+    worse = [-0.5] * 15 + [0.0] * 5
+    mean, p_not_worse, (low, high) = paired_bootstrap(worse)
+    assert mean == pytest.approx(-0.375) and p_not_worse < 0.01 and high < 0
+    mixed = [0.2, -0.2] * 10
+    _, p_mixed, (low_m, high_m) = paired_bootstrap(mixed)
+    assert p_mixed > 0.3 and low_m < 0 < high_m
+    assert paired_bootstrap(mixed) == paired_bootstrap(mixed)  # seeded
+    assert paired_bootstrap([]) == (0.0, 1.0, (0.0, 0.0))
