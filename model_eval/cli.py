@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     paths = ProjectPaths.from_env()
     try:
         tasks = load_tasks(paths.golden_dir, only=_split(args.tasks))
-        registry = load_registry(paths.registry_file)
+        registry = load_registry(paths.registry_file, paths.discovered_registry_file)
         chosen = registry.select(_split(args.models))
     except ModelEvalError as exc:
         return _fail(str(exc))

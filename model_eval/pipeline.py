@@ -105,7 +105,7 @@ class RegistrySync:
 
 
 def sync_registry(paths: ProjectPaths, eval_run_id: str, log: Log) -> RegistrySync:
-    registry = load_registry(paths.registry_file)
+    registry = load_registry(paths.registry_file, paths.discovered_registry_file)
     available, skipped, rows = [], {}, []
     for spec in registry.models:
         reason = availability(spec) if spec.enabled else "disabled in the registry"
@@ -154,7 +154,7 @@ def run_inference(
     completion=None,
 ) -> RunStats:
     """Every (case x repeat) of every task the model serves; replaces this (eval run, model) slice."""
-    registry = load_registry(paths.registry_file)
+    registry = load_registry(paths.registry_file, paths.discovered_registry_file)
     spec = registry.get(model_name)
     tasks = load_tasks(paths.golden_dir, only=task_names)
     with warehouse.read_connection(paths.warehouse_file) as conn:
@@ -228,7 +228,7 @@ def refresh_metrics(paths: ProjectPaths, log: Log) -> pl.DataFrame:
 def recommend_all(paths: ProjectPaths, eval_run_id: str, log: Log, model_names: list[str] | None = None) -> pl.DataFrame:
     """Champion and runner-up per task and policy, from each enabled model's newest metrics on the current version."""
     tasks = load_tasks(paths.golden_dir)
-    registry = load_registry(paths.registry_file)
+    registry = load_registry(paths.registry_file, paths.discovered_registry_file)
     eligible = set(model_names) if model_names else {m.name for m in registry.models if m.enabled}
     with warehouse.read_connection(paths.warehouse_file) as conn:
         latest = conn.sql(LATEST_METRICS_SQL).pl()

@@ -210,9 +210,7 @@ def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServ
     )
 
 
-def load_registry(path: Path) -> Registry:
-    if not path.is_file():
-        raise RegistryError(path, "model registry file not found")
+def _read_yaml(path: Path) -> tuple[dict, str]:
     text = path.read_text()
     try:
         data = yaml.safe_load(text)
@@ -221,6 +219,14 @@ def load_registry(path: Path) -> Registry:
         raise RegistryError(path, f"not valid YAML: {getattr(exc, 'problem', exc)}", line=None if mark is None else mark.line + 1) from None
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise RegistryError(path, "must be a mapping with a 'models' list", field="models")
+    return data, text
+
+
+def load_registry(path: Path, discovered: Path | None = None) -> Registry:
+    """The registry file, plus the entries the new-model sensor discovered (the file people edit wins a name clash)."""
+    if not path.is_file():
+        raise RegistryError(path, "model registry file not found")
+    data, text = _read_yaml(path)
 
     server_raw = data.get("local_server") or {}
     if not isinstance(server_raw, dict) or set(server_raw) - {"host", "port"}:
@@ -232,14 +238,20 @@ def load_registry(path: Path) -> Registry:
     defaults = {**DEFAULTS, **(data.get("defaults") or {})}
     if set(defaults) - set(DEFAULTS):
         raise RegistryError(path, f"allowed fields: {', '.join(DEFAULTS)}", field="defaults")
-    lines = _entry_lines(text)
-    specs = []
-    for index, raw in enumerate(data["models"]):
-        line = lines[index] if index < len(lines) else None
-        spec = _entry(raw, index, line, path, server, defaults)
-        if any(s.name == spec.name for s in specs):
-            raise RegistryError(path, f"duplicate model name '{spec.name}'", line=line, field=f"models[{index}].name")
-        specs.append(spec)
+    sources = [(path, data, text)]
+    if discovered is not None and discovered.is_file():
+        sources.append((discovered, *_read_yaml(discovered)))
+    specs: list[ModelSpec] = []
+    for source, source_data, source_text in sources:
+        lines = _entry_lines(source_text)
+        for index, raw in enumerate(source_data["models"]):
+            line = lines[index] if index < len(lines) else None
+            spec = _entry(raw, index, line, source, server, defaults)
+            if any(s.name == spec.name for s in specs):
+                if source is path:
+                    raise RegistryError(source, f"duplicate model name '{spec.name}'", line=line, field=f"models[{index}].name")
+                continue
+            specs.append(spec)
     return Registry(path=path, models=tuple(specs), local_server=server)
 
 

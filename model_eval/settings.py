@@ -21,6 +21,27 @@ class ProjectPaths:
     registry_file: Path
     warehouse_file: Path
     cache_file: Path
+    deployment_file: Path = PROJECT_ROOT / "deployment.yaml"
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the deployment file resolve against the checkout."""
+        return PROJECT_ROOT
+
+    @property
+    def snapshot_file(self) -> Path:
+        """The assignments applications read (they never open the DuckDB file)."""
+        return self.warehouse_file.parent / "assignments.json"
+
+    @property
+    def call_log_dir(self) -> Path:
+        """Append-only logs of production calls made through the router."""
+        return self.warehouse_file.parent / "production_log"
+
+    @property
+    def discovered_registry_file(self) -> Path:
+        """Registry entries the new-model sensor found on discovery endpoints."""
+        return self.warehouse_file.parent / "discovered_models.yaml"
 
     @classmethod
     def from_env(cls) -> "ProjectPaths":
@@ -32,4 +53,5 @@ class ProjectPaths:
             # The response cache is a separate SQLite file: inference writes to it after every
             # call (so a killed run resumes) without ever holding the DuckDB write lock.
             cache_file=_path_from_env("MODEL_EVAL_CACHE", warehouse.parent / "cache" / "responses.sqlite"),
+            deployment_file=_path_from_env("MODEL_EVAL_DEPLOYMENT", PROJECT_ROOT / "deployment.yaml"),
         )

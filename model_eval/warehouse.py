@@ -75,6 +75,20 @@ CREATE TABLE IF NOT EXISTS recommendations (
 );
 """
 
+CREATE_PROMOTION_TABLES = """
+CREATE SEQUENCE IF NOT EXISTS assignment_seq;
+CREATE TABLE IF NOT EXISTS model_assignments (
+    seq BIGINT DEFAULT nextval('assignment_seq'), task VARCHAR, model VARCHAR, stage VARCHAR, traffic_share DOUBLE,
+    previous_model VARCHAR, pinned BOOLEAN, action VARCHAR, reason VARCHAR, assigned_by VARCHAR,
+    assigned_at TIMESTAMP, eval_run_id VARCHAR,
+    baseline_accuracy DOUBLE, baseline_success_rate DOUBLE, baseline_p95_latency_ms DOUBLE
+);
+CREATE TABLE IF NOT EXISTS promotion_gates (
+    eval_run_id VARCHAR, task VARCHAR, champion VARCHAR, incumbent VARCHAR, gate VARCHAR, passed BOOLEAN,
+    detail VARCHAR, test VARCHAR, p_value DOUBLE, effect_size DOUBLE, checked_at TIMESTAMP
+);
+"""
+
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 
 
@@ -102,6 +116,7 @@ def write_connection(path: Path, lock_timeout_s: float = 300.0) -> Iterator[duck
             delay = min(delay * 2, 2.0)
     try:
         conn.execute(SCHEMA)
+        conn.execute(CREATE_PROMOTION_TABLES)
         yield conn
     finally:
         conn.close()

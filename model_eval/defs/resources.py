@@ -28,6 +28,7 @@ class ModelEvalResource(dg.ConfigurableResource):
             registry_file=Path(self.registry_file) if self.registry_file else defaults.registry_file,
             warehouse_file=Path(self.warehouse_file) if self.warehouse_file else defaults.warehouse_file,
             cache_file=Path(self.cache_file) if self.cache_file else defaults.cache_file,
+            deployment_file=defaults.deployment_file,
         )
 
 

@@ -20,7 +20,7 @@ class InferenceConfig(dg.Config):
 )
 def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig, model_eval: ModelEvalResource) -> dg.MaterializeResult:
     paths = model_eval.paths()
-    registry = load_registry(paths.registry_file)
+    registry = load_registry(paths.registry_file, paths.discovered_registry_file)
     spec = registry.get(context.partition_key)
 
     def progress(stats):

@@ -1,0 +1,132 @@
+"""deployment.yaml: initial assignments, promotion gates, rollout stages, rollback thresholds,
+alerts, the schedule and model discovery. Every bad field is reported by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model_eval.errors import InputError
+
+STAGES = ("shadow", "partial", "full")
+
+
+@dataclass(frozen=True)
+class Gates:
+    min_cases: int = 10
+    min_repeats: int = 2
+    significance: float = 0.05
+
+
+@dataclass(frozen=True)
+class Rollout:
+    partial_share: float = 0.2
+    min_hours_in_stage: float = 0.0
+    min_production_calls: int = 0
+
+
+@dataclass(frozen=True)
+class Degradation:
+    max_accuracy_drop: float = 0.10
+    min_success_rate: float = 0.90
+    max_p95_latency_ratio: float = 2.0
+    production_window_hours: float = 24.0
+
+
+@dataclass(frozen=True)
+class DiscoveryEndpoint:
+    kind: str                    # "openai_compatible" | "ollama"
+    api_base: str
+    prefix: str
+    template: dict[str, Any]
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    path: Path
+    initial_assignments: dict[str, str]
+    gates: Gates
+    rollout: Rollout
+    degradation: Degradation
+    alerts: Any                  # model_eval.alerts.AlertSettings
+    schedule_cron: str
+    schedule_timezone: str
+    discovery: tuple[DiscoveryEndpoint, ...] = field(default=())
+
+
+def _section(data: dict, name: str, cls, path: Path):
+    raw = data.get(name) or {}
+    if not isinstance(raw, dict):
+        raise InputError(path, "must be a mapping", field=name)
+    defaults = cls()
+    values = {}
+    for key, value in raw.items():
+        if not hasattr(defaults, key):
+            raise InputError(path, f"unknown setting; allowed: {', '.join(defaults.__dataclass_fields__)}", field=f"{name}.{key}")
+        expected = type(getattr(defaults, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and not isinstance(value, int)):
+            raise InputError(path, f"must be a {'whole ' if expected is int else ''}number, got {value!r}", field=f"{name}.{key}")
+        if value < 0:
+            raise InputError(path, "must not be negative", field=f"{name}.{key}")
+        values[key] = expected(value)
+    result = cls(**values)
+    for key in ("partial_share", "significance", "min_success_rate", "max_accuracy_drop"):
+        if hasattr(result, key) and not 0 <= getattr(result, key) <= 1:
+            raise InputError(path, "must be between 0 and 1", field=f"{name}.{key}")
+    return result
+
+
+def load_deployment(path: Path, base_dir: Path) -> Deployment:
+    from model_eval.alerts import AlertSettings
+
+    if not path.is_file():
+        raise InputError(path, "deployment file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(path, f"not valid YAML: {getattr(exc, 'problem', exc)}", line=None if mark is None else mark.line + 1) from None
+    if not isinstance(data, dict):
+        raise InputError(path, "must be a mapping of sections")
+    known = {"initial_assignments", "gates", "rollout", "degradation", "alerts", "schedule", "discovery"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(path, f"unknown section; allowed: {', '.join(sorted(known))}", field=unknown[0])
+
+    assignments = data.get("initial_assignments") or {}
+    if not isinstance(assignments, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in assignments.items()):
+        raise InputError(path, "must map task names to model names", field="initial_assignments")
+
+    schedule = data.get("schedule") or {}
+    cron = schedule.get("cron", "0 1 * * 0")
+    if not isinstance(cron, str) or len(cron.split()) != 5:
+        raise InputError(path, f"must be a 5-field cron expression, got {cron!r}", field="schedule.cron")
+
+    endpoints = []
+    discovery = data.get("discovery") or {}
+    for kind in ("openai_compatible", "ollama"):
+        for index, raw in enumerate(discovery.get(kind) or []):
+            where = f"discovery.{kind}[{index}]"
+            if not isinstance(raw, dict) or not isinstance(raw.get("api_base"), str):
+                raise InputError(path, "needs an api_base URL", field=where)
+            template = raw.get("template") or {}
+            if not isinstance(template, dict):
+                raise InputError(path, "must be a mapping of registry fields", field=f"{where}.template")
+            endpoints.append(DiscoveryEndpoint(kind=kind, api_base=raw["api_base"].rstrip("/"), prefix=str(raw.get("prefix", "")),
+                                               template=template, api_key_env=raw.get("api_key_env")))
+
+    return Deployment(
+        path=path,
+        initial_assignments=dict(assignments),
+        gates=_section(data, "gates", Gates, path),
+        rollout=_section(data, "rollout", Rollout, path),
+        degradation=_section(data, "degradation", Degradation, path),
+        alerts=AlertSettings.from_mapping(data.get("alerts"), path, base_dir),
+        schedule_cron=cron,
+        schedule_timezone=str(schedule.get("timezone", "UTC")),
+        discovery=tuple(endpoints),
+    )
