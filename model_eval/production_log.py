@@ -1,0 +1,269 @@
+"""Load the applications' call logs (written by `model_eval.router.CallLog`) into the warehouse.
+
+Applications append JSON lines to per-process files; this module is the only thing that moves them
+into DuckDB, on the pipeline's schedule and under the pipeline's single-writer discipline.
+
+Tables (created when missing):
+
+* ``production_calls`` - one row per logged call (primary and shadow), keyed by ``call_id``.
+  ``rating`` is the latest rating event for the call (by its timestamp), ``rated_at`` when it was
+  given; ``extra_json`` is the caller's ``extra`` dict as JSON.
+* ``production_log_offsets`` - per log file, how many bytes have been ingested. Files only grow,
+  so the next ingest starts where the last one stopped.
+* ``production_pending_ratings`` - ratings whose call has not been ingested yet (a rating is often
+  logged by another worker process, i.e. in another file, and may be read first). They are applied
+  as soon as the call arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+logger = logging.getLogger(__name__)
+
+LOG_GLOB = "calls-*.jsonl"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS production_calls (
+    call_id VARCHAR PRIMARY KEY, ts TIMESTAMP, task VARCHAR, request_key_hash VARCHAR, model VARCHAR,
+    role VARCHAR, stage VARCHAR, bucket DOUBLE, latency_ms DOUBLE, input_tokens BIGINT,
+    output_tokens BIGINT, success BOOLEAN, error VARCHAR, rating DOUBLE, source_file VARCHAR,
+    rated_at TIMESTAMP, extra_json VARCHAR
+);
+CREATE TABLE IF NOT EXISTS production_log_offsets (file VARCHAR PRIMARY KEY, "offset" BIGINT);
+CREATE TABLE IF NOT EXISTS production_pending_ratings (
+    call_id VARCHAR PRIMARY KEY, rating DOUBLE, rated_at TIMESTAMP, source_file VARCHAR
+);
+"""
+
+CALL_SCHEMA = {
+    "call_id": pl.String, "ts": pl.Datetime("us"), "task": pl.String, "request_key_hash": pl.String,
+    "model": pl.String, "role": pl.String, "stage": pl.String, "bucket": pl.Float64,
+    "latency_ms": pl.Float64, "input_tokens": pl.Int64, "output_tokens": pl.Int64,
+    "success": pl.Boolean, "error": pl.String, "rating": pl.Float64, "source_file": pl.String,
+    "rated_at": pl.Datetime("us"), "extra_json": pl.String,
+}
+SUMMARY_SCHEMA = {
+    "model": pl.String, "calls": pl.Int64, "primary_calls": pl.Int64, "shadow_calls": pl.Int64,
+    "success_rate": pl.Float64, "p95_latency_ms": pl.Float64, "rated_calls": pl.Int64, "mean_rating": pl.Float64,
+}
+RATING_SCHEMA = {"call_id": pl.String, "rating": pl.Float64, "rated_at": pl.Datetime("us"), "source_file": pl.String}
+
+
+class BadLine(ValueError):
+    """A complete line that is not a call or rating event; it is skipped with a warning."""
+
+
+def _utc_naive(text: Any) -> datetime:
+    # Warehouse timestamps are naive UTC (TIMESTAMP, not TIMESTAMPTZ), like the rest of the tables.
+    if not isinstance(text, str):
+        raise BadLine(f"ts must be an ISO timestamp, got {text!r}")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise BadLine(f"ts: {exc}") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment
+
+
+def _string(obj: dict, key: str, required: bool = True) -> str | None:
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise BadLine(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _number(obj: dict, key: str, kind: type, required: bool = False) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise BadLine(f"{key} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadLine(f"{key} must be a number, got {value!r}")
+    return kind(value)
+
+
+def _parse_call(obj: dict, source_file: str) -> dict[str, Any]:
+    success = obj.get("success")
+    if not isinstance(success, bool):
+        raise BadLine(f"success must be true or false, got {success!r}")
+    rating = _number(obj, "rating", float)
+    ts = _utc_naive(obj.get("ts"))
+    extra = obj.get("extra")
+    return {
+        "call_id": _string(obj, "call_id"), "ts": ts, "task": _string(obj, "task"),
+        "request_key_hash": _string(obj, "request_key_hash", required=False), "model": _string(obj, "model"),
+        "role": _string(obj, "role"), "stage": _string(obj, "stage", required=False),
+        "bucket": _number(obj, "bucket", float), "latency_ms": _number(obj, "latency_ms", float),
+        "input_tokens": _number(obj, "input_tokens", int), "output_tokens": _number(obj, "output_tokens", int),
+        "success": success, "error": _string(obj, "error", required=False), "rating": rating,
+        "source_file": source_file, "rated_at": ts if rating is not None else None,
+        "extra_json": json.dumps(extra, sort_keys=True) if extra else None,
+    }
+
+
+def _parse_rating(obj: dict, source_file: str) -> dict[str, Any]:
+    return {"call_id": _string(obj, "call_id"), "rating": _number(obj, "rating", float, required=True),
+            "rated_at": _utc_naive(obj.get("ts")), "source_file": source_file}
+
+
+def _read_new_lines(path: Path, offset: int) -> tuple[list[tuple[int, bytes]], int]:
+    """Complete lines after `offset` as (byte position, line), and the offset after the last one.
+
+    A last line without its newline is still being written (or its writer died mid-write); it is
+    left for the next ingest, which starts again at its first byte.
+    """
+    lines: list[tuple[int, bytes]] = []
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        position = offset
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break
+            lines.append((position, line))
+            position += len(line)
+    return lines, position
+
+
+def ingest_call_logs(folder: Path, conn: duckdb.DuckDBPyConnection) -> int:
+    """Load new complete lines from `<folder>/calls-*.jsonl` into `production_calls`; returns rows added.
+
+    Idempotent: each file's ingested byte offset is stored alongside the rows in the same
+    transaction, so a crash re-reads exactly what was not committed, and call_id is the primary key
+    in case a file is ever read twice (e.g. the folder moved). Rating events set the rating of
+    their call; the latest (by event time) wins. Complete lines that are not valid events are
+    skipped with a warning instead of blocking every later line of the file.
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob(LOG_GLOB)) if folder.is_dir() else []
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute(SCHEMA)
+        offsets = dict(conn.execute('SELECT file, "offset" FROM production_log_offsets').fetchall())
+
+        calls: dict[str, dict[str, Any]] = {}
+        ratings: dict[str, dict[str, Any]] = {}
+        new_offsets: list[tuple[str, int]] = []
+        for path in files:
+            name = str(path.resolve())
+            start = offsets.get(name, 0)
+            size = path.stat().st_size
+            if size < start:
+                # Files are append-only; a shorter file was replaced or truncated. Re-read it all:
+                # call_id keeps rows unique.
+                logger.warning("%s is shorter than the %d bytes already ingested; reading it again", name, start)
+                start = 0
+            if size == start:
+                continue
+            lines, end = _read_new_lines(path, start)
+            for position, raw in lines:
+                try:
+                    obj = json.loads(raw)
+                    if not isinstance(obj, dict):
+                        raise BadLine("not a JSON object")
+                    event = obj.get("event", "call")
+                    if event == "call":
+                        row = _parse_call(obj, name)
+                        calls.setdefault(row["call_id"], row)
+                    elif event == "rating":
+                        row = _parse_rating(obj, name)
+                        kept = ratings.get(row["call_id"])
+                        if kept is None or row["rated_at"] >= kept["rated_at"]:
+                            ratings[row["call_id"]] = row
+                    else:
+                        raise BadLine(f"unknown event {event!r}")
+                except (ValueError, UnicodeDecodeError) as exc:  # BadLine and JSONDecodeError are ValueErrors
+                    logger.warning("%s, byte %d: skipping a line that is not a call log event: %s", name, position, exc)
+            if end != start:
+                new_offsets.append((name, end))
+
+        before = conn.execute("SELECT count(*) FROM production_calls").fetchall()[0][0]
+        if calls:
+            frame = pl.DataFrame(list(calls.values()), schema=CALL_SCHEMA)
+            conn.register("incoming_calls", frame.to_arrow())
+            conn.execute("INSERT OR IGNORE INTO production_calls BY NAME SELECT * FROM incoming_calls")
+            conn.unregister("incoming_calls")
+        added = conn.execute("SELECT count(*) FROM production_calls").fetchall()[0][0] - before
+
+        if ratings:
+            # Park every rating first, keeping the latest per call, then apply whatever now has a call.
+            frame = pl.DataFrame(list(ratings.values()), schema=RATING_SCHEMA)
+            conn.register("incoming_ratings", frame.to_arrow())
+            conn.execute(
+                """
+                INSERT INTO production_pending_ratings BY NAME SELECT * FROM incoming_ratings
+                ON CONFLICT (call_id) DO UPDATE SET rating = excluded.rating, rated_at = excluded.rated_at,
+                    source_file = excluded.source_file
+                WHERE excluded.rated_at >= production_pending_ratings.rated_at
+                """
+            )
+            conn.unregister("incoming_ratings")
+        conn.execute(
+            """
+            UPDATE production_calls AS c SET rating = p.rating, rated_at = p.rated_at
+            FROM production_pending_ratings AS p
+            WHERE c.call_id = p.call_id AND (c.rated_at IS NULL OR p.rated_at >= c.rated_at)
+            """
+        )
+        conn.execute(
+            "DELETE FROM production_pending_ratings WHERE call_id IN (SELECT call_id FROM production_calls)"
+        )
+
+        for name, end in new_offsets:
+            conn.execute(
+                'INSERT INTO production_log_offsets VALUES (?, ?) ON CONFLICT (file) DO UPDATE SET "offset" = excluded."offset"',
+                [name, end],
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return added
+
+
+def production_summary(conn: duckdb.DuckDBPyConnection, task: str, since: datetime | None = None) -> pl.DataFrame:
+    """Per model, how a task's production calls went since `since` (UTC; None = all time).
+
+    Columns: model, calls, primary_calls, shadow_calls, success_rate, p95_latency_ms (successful
+    calls only: a failure's latency says more about the timeout than the model), rated_calls,
+    mean_rating (NULL when nothing was rated). Shadow calls count towards success and latency (the
+    candidate really answered them) but users only rate primary answers. Ordered by calls, most first.
+    """
+    if since is not None and since.tzinfo is not None:
+        since = since.astimezone(UTC).replace(tzinfo=None)
+    exists = conn.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'production_calls' AND schema_name = current_schema()"
+    ).fetchall()[0][0]
+    if not exists:
+        # Nothing ingested yet: an empty summary rather than an error (and no DDL, so this also
+        # works on the read-only connections the rollback checks may use).
+        return pl.DataFrame(schema=SUMMARY_SCHEMA)
+    return conn.sql(
+        """
+        SELECT model,
+               count(*) AS calls,
+               count(*) FILTER (WHERE role = 'primary') AS primary_calls,
+               count(*) FILTER (WHERE role = 'shadow') AS shadow_calls,
+               avg(CASE WHEN success THEN 1.0 ELSE 0.0 END) AS success_rate,
+               quantile_cont(latency_ms, 0.95) FILTER (WHERE success) AS p95_latency_ms,
+               count(rating) AS rated_calls,
+               avg(rating) AS mean_rating
+        FROM production_calls
+        WHERE task = $task AND ($since IS NULL OR ts >= $since)
+        GROUP BY model
+        ORDER BY calls DESC, model
+        """,
+        params={"task": task, "since": since},
+    ).pl()
