@@ -33,9 +33,16 @@ from model_eval.errors import ModelEvalError
 from model_eval.local_models import get_local_model
 
 # llama.cpp settings for every served model. The models are tiny; what matters
-# is this 2-core CPU machine.
+# is the 2-core CPU machine this runs on.
 N_CTX = 2048
-N_THREADS = 2
+# llama.cpp's worker threads busy-wait for each other at every step. With 2
+# threads on 2 cores that is fastest on an idle machine, but as soon as any
+# other process wants a core one thread keeps getting descheduled and a request
+# can take 5-10x longer; 1 thread is ~30% slower at best but steady. Callers on
+# a shared machine should pass n_threads=1.
+# One thread: llama.cpp's worker threads busy-wait for each other, and on 2 cores shared with the
+# pipeline (and CI) two threads measured 5-10x slower under load; one was steady (about 30% slower idle).
+N_THREADS = 1
 
 # How long a single HTTP probe may take. /v1/models waits for the server's
 # model lock, so a server busy with a long generation answers late; start()
@@ -44,6 +51,10 @@ _PROBE_TIMEOUT_S = 2.0
 _POLL_INTERVAL_S = 0.25
 _STOP_GRACE_S = 10.0
 _LOG_TAIL_LINES = 40
+
+# urllib honours http_proxy/HTTP_PROXY; a loopback server must never be asked
+# through a proxy, so probes use an opener with proxies switched off.
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class LocalServerError(ModelEvalError):
@@ -76,6 +87,7 @@ class LocalModelServer:
         port: int = 8765,
         log_path: Path | None = None,
         startup_timeout_s: float = 120,
+        n_threads: int = N_THREADS,
     ) -> None:
         if not models:
             raise LocalServerError("LocalModelServer needs at least one model to serve")
@@ -97,6 +109,7 @@ class LocalModelServer:
         self.port = port
         self.log_path = Path(log_path) if log_path is not None else None
         self.startup_timeout_s = startup_timeout_s
+        self.n_threads = n_threads
         self.reused = False
 
         self._process: subprocess.Popen[bytes] | None = None
@@ -198,7 +211,7 @@ class LocalModelServer:
         except OSError:
             return None  # connection refused: the port is free
         try:
-            with urllib.request.urlopen(f"{self.api_base}/models", timeout=_PROBE_TIMEOUT_S) as response:
+            with _NO_PROXY_OPENER.open(f"{self.api_base}/models", timeout=_PROBE_TIMEOUT_S) as response:
                 body = json.load(response)
             return [str(entry["id"]) for entry in body["data"]]
         except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
@@ -214,12 +227,17 @@ class LocalModelServer:
         model_configs = []
         for alias, local_name in self.models.items():
             local_model = get_local_model(local_name)
+            model_path = local_model.locate()
+            # Only the first model is loaded at startup; check the others now
+            # rather than as an HTTP 500 on their first request.
+            if not model_path.is_file():
+                raise LocalServerError(f"weights for local model {local_name!r} not found at {model_path}")
             config = {
-                "model": str(local_model.locate()),
+                "model": str(model_path),
                 "model_alias": alias,
                 "n_ctx": N_CTX,
-                "n_threads": N_THREADS,
-                "n_threads_batch": N_THREADS,
+                "n_threads": self.n_threads,
+                "n_threads_batch": self.n_threads,
                 # The server's default (True) keeps logits for every position:
                 # an n_ctx x vocab float array, ~2 GB for Gemma's 262k vocab,
                 # and slower prompts. It is only needed for logprobs.
@@ -310,7 +328,11 @@ class LocalModelServer:
 
     @contextlib.contextmanager
     def _port_lock(self):
-        lock_path = Path(tempfile.gettempdir()) / f"model_eval_llama_{self.port}.lock"
+        # One small file per port, kept (deleting a lock file races with its
+        # next user), in a folder of its own so they don't litter /tmp.
+        lock_dir = Path(tempfile.gettempdir()) / "model_eval_llama_locks"
+        lock_dir.mkdir(exist_ok=True)
+        lock_path = lock_dir / f"port_{self.port}.lock"
         deadline = time.monotonic() + self.startup_timeout_s
         with open(lock_path, "a") as lock_file:
             while True:

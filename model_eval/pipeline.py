@@ -267,3 +267,63 @@ def leaderboard(conn, task: str | None = None) -> pl.DataFrame:
 
 def logger(name: str = "model_eval") -> Log:
     return logging.getLogger(name)
+
+
+# ---------------------------------------------------------------- production calls, promotion, rollback
+def ingest_production_calls(paths: ProjectPaths, log: Log) -> int:
+    """Load new lines of the router's append-only call logs into `production_calls`."""
+    from model_eval.production_log import ingest_call_logs
+
+    with warehouse.write_connection(paths.warehouse_file) as conn:
+        added = ingest_call_logs(paths.call_log_dir, conn)
+    log.info(f"production calls: {added} new row(s) from {paths.call_log_dir}")
+    return added
+
+
+def newest_champions(conn, tasks: list[TaskSpec]) -> dict[str, str | None]:
+    """Each task's champion under its own policy, from its newest recommendation on the current version."""
+    frame = conn.sql("""
+        SELECT task, dataset_version, champion FROM recommendations WHERE is_task_policy
+        QUALIFY row_number() OVER (PARTITION BY task, dataset_version ORDER BY created_at DESC) = 1""").pl()
+    current = {(t.name, t.dataset_version) for t in tasks}
+    return {r["task"]: r["champion"] for r in frame.iter_rows(named=True) if (r["task"], r["dataset_version"]) in current}
+
+
+def publish_assignments(paths: ProjectPaths, conn, registry: Registry) -> None:
+    """Write the routing snapshot applications read (atomically: they never see half a file)."""
+    from model_eval.promotion import current_assignments, snapshot_tasks
+    from model_eval.router import write_snapshot
+
+    write_snapshot(paths.snapshot_file, snapshot_tasks(current_assignments(conn), registry))
+
+
+def promote(paths: ProjectPaths, eval_run_id: str, log: Log, assigned_by: str = "pipeline"):
+    """Turn the newest recommendations into assignment changes, gated, staged, with automatic rollback."""
+    from model_eval.alerts import send_alert
+    from model_eval.deployment import load_deployment
+    from model_eval.promotion import alert_for, apply_decisions, ensure_initial_assignments, plan_promotions
+
+    tasks = load_tasks(paths.golden_dir)
+    registry = load_registry(paths.registry_file, paths.discovered_registry_file)
+    deployment = load_deployment(paths.deployment_file, paths.base_dir)
+    with warehouse.write_connection(paths.warehouse_file) as conn:
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            initial = ensure_initial_assignments(conn, deployment, registry, tasks)
+            decisions = plan_promotions(conn, tasks, newest_champions(conn, tasks), deployment)
+            apply_decisions(conn, decisions, tasks, eval_run_id, assigned_by)
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+        publish_assignments(paths, conn, registry)
+    if initial:
+        log.info(f"initial assignments from {deployment.path.name}: {', '.join(initial)}")
+    for decision in decisions:
+        log.info(f"{decision.task}: {decision.action}: {decision.reason}")
+        alert = alert_for(decision)
+        if alert is not None:
+            for report in send_alert(alert, deployment.alerts, log):
+                if not report.ok:
+                    log.warning(f"alert channel {report.channel} failed: {report.error}")
+    return decisions

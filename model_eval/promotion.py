@@ -173,6 +173,15 @@ def _ready_to_advance(conn, task: TaskSpec, state: AssignmentState, deployment: 
     return None
 
 
+def gated_pair(state: AssignmentState | None, champion: str | None) -> tuple[str, str | None] | None:
+    """(champion, model it would replace) when the gates must be evaluated for this task now, else None."""
+    if state is None or state.pinned or champion is None:
+        return None
+    if state.stage in NEXT_STAGE:
+        return (champion, state.previous_model) if champion == state.model else None
+    return None if champion == state.model else (champion, state.model)
+
+
 def plan_promotions(conn, tasks: list[TaskSpec], champions: dict[str, str | None], deployment: Deployment,
                     now: datetime | None = None) -> list[Decision]:
     """What should happen to each task's assignment, given the newest champion per task."""
@@ -204,7 +213,7 @@ def plan_promotions(conn, tasks: list[TaskSpec], champions: dict[str, str | None
                 decisions.append(Decision(task.name, "abort_rollout", f"rollout of {state.model} stopped: {why}",
                                           incumbent, "full", 1.0, state.model, champion=champion))
                 continue
-            gates = evaluate_gates(conn, task, champion, incumbent, deployment.gates)
+            gates = evaluate_gates(conn, task, *gated_pair(state, champion), deployment.gates)
             failed = [g for g in gates if not g.passed]
             waiting = _ready_to_advance(conn, task, state, deployment, now)
             if failed:
@@ -223,7 +232,7 @@ def plan_promotions(conn, tasks: list[TaskSpec], champions: dict[str, str | None
             reason = "no model qualified; keeping the assignment" if champion is None else f"{champion} is already assigned"
             decisions.append(Decision(task.name, "keep", reason, champion=champion))
             continue
-        gates = evaluate_gates(conn, task, champion, state.model, deployment.gates)
+        gates = evaluate_gates(conn, task, *gated_pair(state, champion), deployment.gates)
         failed = [g for g in gates if not g.passed]
         if failed:
             decisions.append(Decision(task.name, "blocked", f"{champion} not promoted over {state.model}: "

@@ -11,5 +11,5 @@ evaluate_model_job = dg.define_asset_job(
     "evaluate_model", selection=["inference_results", "scores"], partitions_def=MODELS,
     description="Run and score one model (partition) on every task it serves.")
 recommend_job = dg.define_asset_job(
-    "recommend", selection=["model_task_metrics", "recommendations"],
-    description="Recompute metrics and pick a champion and runner-up per task.")
+    "recommend", selection=["model_task_metrics", "recommendations", "production_calls", "model_assignments"],
+    description="Recompute metrics, pick a champion and runner-up per task, then gate and stage promotions.")
