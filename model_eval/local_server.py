@@ -38,10 +38,8 @@ N_CTX = 2048
 # llama.cpp's worker threads busy-wait for each other at every step. With 2
 # threads on 2 cores that is fastest on an idle machine, but as soon as any
 # other process wants a core one thread keeps getting descheduled and a request
-# can take 5-10x longer; 1 thread is ~30% slower at best but steady. Callers on
-# a shared machine should pass n_threads=1.
-# One thread: llama.cpp's worker threads busy-wait for each other, and on 2 cores shared with the
-# pipeline (and CI) two threads measured 5-10x slower under load; one was steady (about 30% slower idle).
+# can take 5-10x longer; 1 thread is ~30% slower at best but steady. The
+# pipeline itself (and CI) shares these cores, so the default is 1.
 N_THREADS = 1
 
 # How long a single HTTP probe may take. /v1/models waits for the server's
