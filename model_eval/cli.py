@@ -79,6 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {model}: {error}", file=sys.stderr)
         return _fail(outcome.error)
     _print_leaderboard(paths, outcome.eval_run_id, task_names)
+    _print_assignments(paths)
+    if outcome.blocked:
+        print(f"\npromotion blocked by gate check(s): {outcome.blocked}")
     print(f"\neval run {outcome.eval_run_id} finished in {time.perf_counter() - started:.1f} s; warehouse: {paths.warehouse_file}")
     if outcome.failed:
         for model, error in outcome.failed.items():
@@ -114,6 +117,24 @@ def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[s
         print(f"  champion: {champion}; runner-up: {rec['runner_up'] or '-'}"
               + (f"; confidence {rec['confidence']:.2f}" if rec["confidence"] is not None else ""))
         print(f"  why: {rec['reasoning']}")
+
+
+def _print_assignments(paths: ProjectPaths) -> None:
+    from model_eval.promotion import current_assignments
+    from model_eval.warehouse import read_connection
+
+    with read_connection(paths.warehouse_file) as conn:
+        states = current_assignments(conn)
+        latest = conn.sql("""SELECT task, action, reason FROM model_assignments
+                             QUALIFY row_number() OVER (PARTITION BY task ORDER BY seq DESC) = 1""").fetchall()
+    if not states:
+        return
+    print("\n== assignments")
+    reasons = {task: (action, reason) for task, action, reason in latest}
+    for task, state in sorted(states.items()):
+        rollout = "" if state.stage == "full" else f"; {state.model} in {state.stage} ({state.traffic_share:.0%} of traffic)"
+        pin = " [pinned]" if state.pinned else ""
+        print(f"  {task}: {state.serving}{rollout}{pin} (last change: {reasons[task][0]}: {reasons[task][1]})")
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ class EvaluationOutcome:
     succeeded: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)   # model -> error
     error: str | None = None                                  # prepare/recommend failure
+    blocked: str | None = None                                # a blocking gate check stopped promotion
     dagster_run_ids: list[str] = field(default_factory=list)
 
     @property
@@ -36,9 +37,23 @@ def new_eval_run_id() -> str:
     return f"eval-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-def user_error(exc: BaseException) -> BaseException:
-    """The exception a person should see, unwrapped from Dagster's step-failure wrapper."""
-    return getattr(exc, "user_exception", None) or exc
+def _failure_text(event) -> str:
+    error = event.step_failure_data.error if event.step_failure_data else None
+    cause = error.cause if error is not None and error.cause is not None else error
+    return f"{event.step_key}: {cause.message.strip() if cause else 'failed'}"
+
+
+def _check_failures(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The failed gate checks of a run, with the per-task description each one recorded."""
+    texts = []
+    for record in instance.get_records_for_run(run_id).records:
+        event = record.event_log_entry.dagster_event
+        if event is None or event.event_type_value != "ASSET_CHECK_EVALUATION":
+            continue
+        evaluation = event.event_specific_data
+        if not evaluation.passed:
+            texts.append(f"{evaluation.check_name} ({evaluation.description})")
+    return texts
 
 
 def run_evaluation(
@@ -60,12 +75,16 @@ def run_evaluation(
     def execute(job_name: str, **kwargs) -> str | None:
         """Run a job in this process, recorded in the instance; returns the error text, or None."""
         job = defs.resolve_job_def(job_name)
-        try:
-            result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - report the user-facing cause; the run is recorded as failed
-            return str(user_error(exc))
+        result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, **kwargs)
         outcome.dagster_run_ids.append(result.run_id)
-        return None
+        if result.success:
+            return None
+        failures = [e for e in result.all_events if e.is_step_failure]
+        if failures and all(e.step_key.startswith("recommendations_gate_") for e in failures):
+            # A blocking promotion gate failed: the run stops before model_assignments, by design.
+            outcome.blocked = "; ".join(_check_failures(instance, result.run_id))
+            return None
+        return "; ".join(_failure_text(e) for e in failures) or "run failed"
 
     if error := execute("prepare", run_config=logging_config):
         outcome.error = f"prepare: {error}"

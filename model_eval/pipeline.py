@@ -297,6 +297,22 @@ def publish_assignments(paths: ProjectPaths, conn, registry: Registry) -> None:
     write_snapshot(paths.snapshot_file, snapshot_tasks(current_assignments(conn), registry))
 
 
+def ensure_assignments(paths: ProjectPaths, log: Log) -> list[str]:
+    """Record the assignments deployment.yaml declares for tasks with none yet, and publish the snapshot."""
+    from model_eval.deployment import load_deployment
+    from model_eval.promotion import ensure_initial_assignments
+
+    tasks = load_tasks(paths.golden_dir)
+    registry = load_registry(paths.registry_file, paths.discovered_registry_file)
+    deployment = load_deployment(paths.deployment_file, paths.base_dir)
+    with warehouse.write_connection(paths.warehouse_file) as conn:
+        added = ensure_initial_assignments(conn, deployment, registry, tasks)
+        publish_assignments(paths, conn, registry)
+    if added:
+        log.info(f"initial assignments from {deployment.path.name}: {', '.join(added)}")
+    return added
+
+
 def promote(paths: ProjectPaths, eval_run_id: str, log: Log, assigned_by: str = "pipeline"):
     """Turn the newest recommendations into assignment changes, gated, staged, with automatic rollback."""
     from model_eval.alerts import send_alert

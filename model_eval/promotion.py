@@ -78,6 +78,18 @@ def current_assignments(conn: duckdb.DuckDBPyConnection) -> dict[str, Assignment
     ) for r in frame.iter_rows(named=True)}
 
 
+def effective_assignments(conn, deployment: Deployment) -> dict[str, AssignmentState]:
+    """Current assignments, or for a task with no history yet the one deployment.yaml declares
+    (what the promotion step will record before it decides anything)."""
+    states = current_assignments(conn)
+    for task, model in deployment.initial_assignments.items():
+        if task not in states:
+            states[task] = AssignmentState(task=task, model=model, stage="full", traffic_share=1.0, previous_model=None,
+                                           pinned=False, assigned_at=_now(), baseline_accuracy=None,
+                                           baseline_success_rate=None, baseline_p95_latency_ms=None)
+    return states
+
+
 def _latest_metrics(conn, model: str, task: TaskSpec, since: datetime | None = None) -> dict | None:
     frame = conn.sql("""
         SELECT * FROM model_task_metrics WHERE model = $model AND task = $task AND dataset_version = $version

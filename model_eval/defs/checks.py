@@ -11,7 +11,7 @@ from model_eval.deployment import load_deployment
 from model_eval.gates import GATE_NAMES, evaluate_gates
 from model_eval.golden import load_tasks
 from model_eval.pipeline import newest_champions
-from model_eval.promotion import current_assignments, gated_pair
+from model_eval.promotion import effective_assignments, gated_pair
 from model_eval.warehouse import read_connection
 
 GATE_DESCRIPTIONS = {
@@ -30,7 +30,7 @@ def _gate_check(gate: str) -> dg.AssetChecksDefinition:
         tasks = load_tasks(paths.golden_dir)
         rows, failed = [], []
         with read_connection(paths.warehouse_file) as conn:
-            states = current_assignments(conn)
+            states = effective_assignments(conn, deployment)
             champions = newest_champions(conn, tasks)
             for task in tasks:
                 pair = gated_pair(states.get(task.name), champions.get(task.name))
