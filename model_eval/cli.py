@@ -73,7 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{len(runnable)} model(s) x {len(task_names)} task(s); Dagster instance {os.environ['DAGSTER_HOME']}", flush=True)
     started = time.perf_counter()
     outcome = run_evaluation(defs, instance, paths, registry, runnable, task_names, trigger="cli",
-                             log_level="WARNING" if args.quiet else "INFO")
+                             log_level="WARNING" if args.quiet else "INFO",
+                             max_cache_age_hours=0.0 if args.fresh else args.max_cache_age_hours)
     if outcome.error:
         for model, error in outcome.failed.items():
             print(f"error: {model}: {error}", file=sys.stderr)
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="evaluate enabled models on every task through the Dagster instance")
     run.add_argument("--models", help="comma-separated model names from the registry (default: every enabled model)")
     run.add_argument("--tasks", help="comma-separated task names (default: every task)")
+    run.add_argument("--fresh", action="store_true", help="ask every model again instead of reusing cached answers")
+    run.add_argument("--max-cache-age-hours", type=float, default=None, help="reuse cached answers only if younger than this")
     run.add_argument("-q", "--quiet", action="store_true", help="only per-model progress, warnings and the leaderboard")
     run.set_defaults(func=cmd_run)
     ui = sub.add_parser("ui", help="open the Dagster UI on this checkout's instance")

@@ -203,13 +203,18 @@ async def run_model(
     completion: CompletionFn = _default_completion,
     on_progress: ProgressFn | None = None,
     progress_every: int = 10,
+    cache_max_age_s: float | None = None,
 ) -> tuple[pl.DataFrame, RunStats]:
-    """Answer every request for one model; returns one row per request and the run's totals."""
+    """Answer every request for one model; returns one row per request and the run's totals.
+
+    Cached answers are reused; `cache_max_age_s` makes older ones be asked again (a scheduled
+    re-evaluation must see today's model, or a provider's silent change would never show).
+    """
     stats = RunStats(total=len(requests))
     started = time.perf_counter()
     cost_of = CostCalculator(spec)
     secrets = [k for k in [spec.api_key()] if k]
-    cached = cache.get_many([r.key for r in requests])
+    cached = cache.get_many([r.key for r in requests], max_age_s=cache_max_age_s)
     rows: list[dict[str, Any]] = []
     semaphore = asyncio.Semaphore(spec.max_concurrency)
 

@@ -67,6 +67,7 @@ def run_evaluation(
     trigger: str = "cli",
     log_level: str = "WARNING",
     say: Callable[[str], None] = lambda line: print(line, flush=True),
+    max_cache_age_hours: float | None = None,
 ) -> EvaluationOutcome:
     outcome = EvaluationOutcome(eval_run_id=new_eval_run_id())
     tags = {EVAL_RUN_TAG: outcome.eval_run_id, TRIGGER_TAG: trigger}
@@ -93,7 +94,8 @@ def run_evaluation(
         for index, spec in enumerate(models, start=1):
             started = time.perf_counter()
             say(f"[{index}/{len(models)}] {spec.name}: evaluating ...")
-            config = {**logging_config, "ops": {"inference_results": {"config": {"tasks": task_names}}}}
+            inference_config = {"tasks": task_names, "max_cache_age_hours": max_cache_age_hours}
+            config = {**logging_config, "ops": {"inference_results": {"config": inference_config}}}
             error = execute("evaluate_model", partition_key=spec.name, run_config=config)
             if error:
                 outcome.failed[spec.name] = error

@@ -152,6 +152,7 @@ def run_inference(
     on_progress: ProgressFn | None = None,
     retry: RetryPolicy = RetryPolicy(),
     completion=None,
+    cache_max_age_s: float | None = None,
 ) -> RunStats:
     """Every (case x repeat) of every task the model serves; replaces this (eval run, model) slice."""
     registry = load_registry(paths.registry_file, paths.discovered_registry_file)
@@ -166,7 +167,8 @@ def run_inference(
     log.info(f"model {spec.name}: {len(requests)} calls over {len(tasks)} task(s)")
     kwargs = {"completion": completion} if completion is not None else {}
     with ResponseCache(paths.cache_file) as cache:
-        results, stats = asyncio.run(run_model(spec, requests, cache, retry=retry, on_progress=on_progress, **kwargs))
+        results, stats = asyncio.run(run_model(spec, requests, cache, retry=retry, on_progress=on_progress,
+                                               cache_max_age_s=cache_max_age_s, **kwargs))
     results = results.with_columns(pl.lit(eval_run_id).alias("eval_run_id"), pl.lit(dagster_run_id, pl.String).alias("dagster_run_id"))
     if stats.unknown_cost:
         log.warning(f"model {spec.name}: {stats.unknown_cost} call(s) have no known price; their cost is NULL")

@@ -34,13 +34,16 @@ class ResponseCache:
             "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL)"
         )
 
-    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+    def get_many(self, keys: list[str], max_age_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Cached payloads by key; with `max_age_s`, only answers younger than that (older ones are asked again)."""
         found: dict[str, dict[str, Any]] = {}
+        oldest = time.time() - max_age_s if max_age_s is not None else 0.0
         # SQLite limits bound parameters per statement; 500 stays well under it.
         for start in range(0, len(keys), 500):
             chunk = keys[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for key, payload in self._conn.execute(f"SELECT key, payload FROM responses WHERE key IN ({marks})", chunk):
+            query = f"SELECT key, payload FROM responses WHERE key IN ({marks}) AND created_at >= ?"
+            for key, payload in self._conn.execute(query, [*chunk, oldest]):
                 found[key] = json.loads(payload)
         return found
 

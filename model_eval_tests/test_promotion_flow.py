@@ -81,11 +81,11 @@ def setup(tmp_path, monkeypatch):
                "webhook": webhook, "smtp": smtp, "tmp": tmp_path}
 
 
-def evaluate(setup):
+def evaluate(setup, fresh=False):
     paths = setup["paths"]
     registry = load_registry(paths.registry_file)
-    outcome = run_evaluation(defs, setup["instance"], paths, registry, list(registry.models), ["grading"], say=lambda _: None)
-    return outcome
+    return run_evaluation(defs, setup["instance"], paths, registry, list(registry.models), ["grading"], say=lambda _: None,
+                          max_cache_age_hours=0.0 if fresh else None)
 
 
 def state(setup):
@@ -122,3 +122,61 @@ def test_failing_gate_blocks_promotion_in_the_run_and_across_runs(setup):
         blocked = conn.sql("SELECT detail FROM promotion_gates WHERE gate = 'costs_known' AND NOT passed").fetchall()
     assert blocked and "no known price" in blocked[0][0]
     assert any("gate_failed" in line for line in (setup["tmp"] / "alerts.log").read_text().splitlines())
+
+
+def _set_oracle_price(setup):
+    data = yaml.safe_load(setup["registry_file"].read_text())
+    for model in data["models"]:
+        if model["name"] == "oracle":
+            model["price_per_million"] = {"input": 1.0, "output": 2.0}
+    setup["registry_file"].write_text(yaml.safe_dump(data))
+
+
+def test_champion_rolls_out_in_stages_then_degrades_and_is_rolled_back_with_alerts(setup):
+    _set_oracle_price(setup)
+    router_file = setup["paths"].snapshot_file
+    stages = []
+    for _ in range(3):
+        outcome = evaluate(setup)
+        assert outcome.ok and outcome.blocked is None, (outcome.error, outcome.blocked)
+        current = state(setup)
+        stages.append((current.model, current.stage, current.traffic_share, current.previous_model))
+    assert stages == [("oracle", "shadow", 0.0, "always-pass"), ("oracle", "partial", 0.25, "always-pass"),
+                      ("oracle", "full", 1.0, "always-pass")]
+
+    # Applications follow the published snapshot: at full, every request goes to the oracle.
+    decision = Router(router_file).route("grading", "user-42")
+    assert decision.primary.model == "oracle" and decision.shadow is None
+
+    # The oracle starts failing: the next (fresh) re-evaluation sees it and restores the previous model.
+    setup["broken"].add("oracle")
+    evaluate(setup, fresh=True)
+    restored = state(setup)
+    assert (restored.model, restored.stage, restored.previous_model) == ("always-pass", "full", "oracle")
+    with warehouse.read_connection(setup["paths"].warehouse_file) as conn:
+        actions = [a for (a,) in conn.sql("SELECT action FROM model_assignments WHERE task = 'grading' ORDER BY seq").fetchall()]
+        reason = conn.sql("SELECT reason FROM model_assignments ORDER BY seq DESC LIMIT 1").fetchall()[0][0]
+    assert actions == ["initial", "promote", "advance", "advance", "rollback"]
+    assert "success rate" in reason and "restoring always-pass" in reason
+    assert Router(router_file).route("grading", "user-42").primary.model == "always-pass"
+
+    # Every change reached every channel; the webhook's secret path never reached the log file.
+    kinds = [json.loads(line)["kind"] for line in (setup["tmp"] / "alerts.log").read_text().splitlines()]
+    assert kinds == ["promotion", "promotion", "promotion", "rollback"]
+    texts = [r.json()["text"] for r in setup["webhook"].requests]
+    assert len(texts) == 4 and "rollback" in texts[-1] and "[CRITICAL]" in texts[-1]
+    subjects = [m.message["Subject"] for m in setup["smtp"].messages]
+    assert len(subjects) == 4 and subjects[-1].startswith("[model_eval] [CRITICAL]")
+    assert "canary-secret" not in (setup["tmp"] / "alerts.log").read_text()
+
+
+def test_a_broken_alert_channel_never_fails_the_pipeline(setup, monkeypatch):
+    _set_oracle_price(setup)
+    monkeypatch.setenv("TEST_ALERT_WEBHOOK", "http://127.0.0.1:9/closed-port")
+    deployment = setup["paths"].deployment_file
+    data = yaml.safe_load(deployment.read_text())
+    data["alerts"]["smtp"]["port"] = 9  # nothing listens there
+    deployment.write_text(yaml.safe_dump(data))
+    outcome = evaluate(setup)
+    assert outcome.ok and state(setup).stage == "shadow"
+    assert "promotion" in (setup["tmp"] / "alerts.log").read_text()

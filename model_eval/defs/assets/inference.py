@@ -9,6 +9,9 @@ from model_eval.serving import local_models_served
 
 class InferenceConfig(dg.Config):
     tasks: list[str] = []  # empty: every task the model serves
+    # Reuse cached answers only if younger than this (hours); None reuses any. The weekly schedule
+    # sets it so a re-evaluation really asks the models again.
+    max_cache_age_hours: float | None = None
 
 
 @dg.asset(
@@ -29,7 +32,7 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
     with local_models_served(registry, [spec], paths.warehouse_file.parent / "run"):
         stats = run_inference(paths, spec.name, eval_run_id(context), context.log, task_names=config.tasks or None,
                               trigger=trigger(context), dagster_run_id=context.run.run_id, on_progress=progress,
-                              )
+                              cache_max_age_s=None if config.max_cache_age_hours is None else config.max_cache_age_hours * 3600)
     return dg.MaterializeResult(metadata={
         "eval_run_id": eval_run_id(context),
         "calls": stats.total,
