@@ -6,6 +6,7 @@ gates again itself, so a gate keeps blocking when promotion runs on its own late
 
 import dagster as dg
 
+from model_eval.alerts import Alert, send_alert
 from model_eval.defs.resources import ModelEvalResource
 from model_eval.deployment import load_deployment
 from model_eval.gates import GATE_NAMES, evaluate_gates
@@ -41,6 +42,11 @@ def _gate_check(gate: str) -> dg.AssetChecksDefinition:
                 rows.append(f"| {task.name} | {'pass' if result.passed else 'FAIL'} | {result.detail} |")
                 if not result.passed:
                     failed.append(task.name)
+        if failed:
+            # The promotion step will not run in this run, so the alert for the blocked promotion goes from here.
+            send_alert(Alert(kind="gate_failed", title=f"promotion gate '{gate}' failed for {', '.join(failed)}",
+                             details="\n".join(r for r in rows if "FAIL" in r), severity="warning",
+                             task=failed[0] if len(failed) == 1 else None), deployment.alerts)
         return dg.AssetCheckResult(
             passed=not failed,
             severity=dg.AssetCheckSeverity.ERROR,
