@@ -138,6 +138,51 @@ def _print_assignments(paths: ProjectPaths) -> None:
         print(f"  {task}: {state.serving}{rollout}{pin} (last change: {reasons[task][0]}: {reasons[task][1]})")
 
 
+def cmd_assign(args: argparse.Namespace) -> int:
+    """Show assignments, or pin / unpin / force a promotion / roll back a task, recorded with who and why."""
+    import getpass
+
+    from model_eval.errors import ModelEvalError
+    from model_eval.golden import load_tasks
+    from model_eval.pipeline import publish_assignments
+    from model_eval.promotion import history, manual_action
+    from model_eval.registry import load_registry
+    from model_eval.warehouse import read_connection, write_connection
+
+    paths = ProjectPaths.from_env()
+    if args.action == "show":
+        try:
+            with read_connection(paths.warehouse_file) as conn:
+                frame = history(conn, args.task)
+        except FileNotFoundError as exc:
+            return _fail(str(exc))
+        columns = ["assigned_at", "task", "action", "model", "stage", "traffic_share", "previous_model", "pinned", "assigned_by", "reason"]
+        import polars as pl
+
+        with pl.Config(tbl_rows=-1, fmt_str_lengths=90, tbl_width_chars=250):
+            print(frame.select(columns).tail(args.limit))
+        return 0
+    try:
+        task = load_tasks(paths.golden_dir, only=[args.task])[0] if args.task else None
+        registry = load_registry(paths.registry_file, paths.discovered_registry_file)
+    except ModelEvalError as exc:
+        return _fail(str(exc))
+    if task is None:
+        return _fail(f"{args.action} needs a task: model-eval assign {args.action} TASK ...")
+    who = args.by or os.environ.get("USER") or getpass.getuser()
+    with write_connection(paths.warehouse_file) as conn:
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            summary = manual_action(conn, args.action, task, registry, model=args.model, by=who, reason=args.reason or "")
+            conn.execute("COMMIT")
+        except ValueError as exc:
+            conn.execute("ROLLBACK")
+            return _fail(str(exc))
+        publish_assignments(paths, conn, registry)
+    print(f"{summary} (by {who}: {args.reason})")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     home = _prepare_dagster_home()
     print(f"Dagster instance: {home}")
@@ -185,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-cache-age-hours", type=float, default=None, help="reuse cached answers only if younger than this")
     run.add_argument("-q", "--quiet", action="store_true", help="only per-model progress, warnings and the leaderboard")
     run.set_defaults(func=cmd_run)
+    assign = sub.add_parser("assign", help="show assignments; pin, unpin, force a promotion or roll back a task")
+    assign.add_argument("action", choices=["show", "pin", "unpin", "promote", "rollback"])
+    assign.add_argument("task", nargs="?", help="task name (optional for show)")
+    assign.add_argument("model", nargs="?", help="model name (pin, promote)")
+    assign.add_argument("--reason", help="why: recorded with the change (required for changes)")
+    assign.add_argument("--by", help="who (default: $USER)")
+    assign.add_argument("--limit", type=int, default=30, help="rows of history to show")
+    assign.set_defaults(func=cmd_assign)
     ui = sub.add_parser("ui", help="open the Dagster UI on this checkout's instance")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
