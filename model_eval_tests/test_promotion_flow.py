@@ -180,3 +180,30 @@ def test_a_broken_alert_channel_never_fails_the_pipeline(setup, monkeypatch):
     outcome = evaluate(setup)
     assert outcome.ok and state(setup).stage == "shadow"
     assert "promotion" in (setup["tmp"] / "alerts.log").read_text()
+
+
+def test_degradation_seen_in_logged_production_calls_rolls_back(setup):
+    from model_eval.router import CallLog
+
+    _set_oracle_price(setup)
+    for _ in range(3):
+        assert evaluate(setup).ok
+    assert (state(setup).model, state(setup).stage) == ("oracle", "full")
+
+    # An application routes its requests and logs them; most calls to the oracle now fail.
+    router = Router(setup["paths"].snapshot_file)
+    calls = CallLog(setup["paths"].call_log_dir)
+    for i in range(40):
+        decision = router.route("grading", f"request-{i}")
+        calls.record(decision, decision.primary.model, latency_ms=20.0, input_tokens=100, output_tokens=2,
+                     success=i % 4 == 0, error=None if i % 4 == 0 else "upstream 503", role="primary")
+
+    outcome = evaluate(setup)  # unchanged evaluation (all cached): only the production log shows the problem
+    assert outcome.ok
+    restored = state(setup)
+    assert (restored.model, restored.previous_model) == ("always-pass", "oracle")
+    with warehouse.read_connection(setup["paths"].warehouse_file) as conn:
+        reason = conn.sql("SELECT reason FROM model_assignments ORDER BY seq DESC LIMIT 1").fetchall()[0][0]
+        logged = conn.sql("SELECT count(*), count(*) FILTER (WHERE success) FROM production_calls").fetchall()[0]
+    assert logged == (40, 10)
+    assert "40 logged production calls succeeded at 0.25" in reason
