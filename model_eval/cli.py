@@ -203,20 +203,21 @@ def cmd_sql(args: argparse.Namespace) -> int:
     """Run SQL against the warehouse, read-only unless --write is given."""
     import duckdb
 
+    from model_eval.warehouse import read_connection, write_connection
+
     paths = ProjectPaths.from_env()
     query = args.query if args.query != "-" else sys.stdin.read()
+    opener = write_connection if args.write else read_connection
     try:
-        conn = duckdb.connect(str(paths.warehouse_file), read_only=not args.write)
-    except duckdb.Error as exc:
-        return _fail(f"{paths.warehouse_file}: {exc}")
-    try:
-        relation = conn.sql(query)
-        if relation is not None:
-            print(relation.pl())
-    except duckdb.Error as exc:
+        with opener(paths.warehouse_file) as conn:
+            relation = conn.sql(query)
+            if relation is not None:
+                import polars as pl
+
+                with pl.Config(tbl_rows=100, fmt_str_lengths=80):
+                    print(relation.pl())
+    except (duckdb.Error, FileNotFoundError) as exc:
         return _fail(str(exc))
-    finally:
-        conn.close()
     return 0
 
 

@@ -3,16 +3,20 @@
 duckdb 2.0: read with conn.sql(...) (relations), and drain conn.execute(...) results with fetchall();
 an undrained result blocks the connection.
 
-DuckDB lets one process write a database file at a time. Writers here open the file only for one
-short transaction and close it again (retrying while another process holds the lock), so the
-long-running parts of a run never block SQL users. Every write replaces a well-defined slice
-(e.g. one eval run x one model) inside a single transaction: rows are never appended twice and a
-failure leaves the previous contents untouched.
+DuckDB lets one process write a database file at a time, and a reader holding the file open blocks
+writers. So writers never touch the public file: they take an exclusive lock, change a private
+working copy in one short transaction, and publish it over the public file by atomic rename. SQL
+users and the pipeline's own reads open the public file read-only and never wait for a run. Every
+write replaces a well-defined slice (e.g. one eval run x one model) inside a single transaction:
+rows are never appended twice and a failure publishes nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,35 +100,67 @@ def _is_lock_error(exc: Exception) -> bool:
     return any(marker in str(exc) for marker in LOCK_MARKERS)
 
 
+def working_file(public: Path) -> Path:
+    """The private file writers change; `public` is only ever replaced whole by a finished copy of it."""
+    return public.parent / ".writer" / public.name
+
+
+@contextmanager
+def _exclusive(lock_path: Path, timeout_s: float) -> Iterator[None]:
+    """One writer at a time across processes (parallel Dagster steps, the CLI, a person's --write)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock_path}: another process has been writing the warehouse for {timeout_s:.0f} s")
+                time.sleep(0.02 + random.uniform(0, 0.03))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _publish(working: Path, public: Path) -> None:
+    """Copy the working file over the public one atomically: readers see the old or the new, never a mix."""
+    temporary = public.parent / f".{public.name}.{os.getpid()}.publishing"
+    shutil.copyfile(working, temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, public)
+
+
 @contextmanager
 def write_connection(path: Path, lock_timeout_s: float = 300.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the warehouse for writing, waiting (with jitter) while another process holds it.
+    """Open the warehouse for writing; on success the change is published to `path` for readers.
 
-    Use it for one short transaction and let it close: holding it blocks every other process.
+    Writers work on a private copy under an exclusive lock and publish it by atomic rename, so a
+    person's open read-only connection (the duckdb CLI, a notebook) never blocks a run, and never
+    sees half of a change. Use it for one short transaction.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + lock_timeout_s
-    delay = 0.05
-    while True:
+    working = working_file(path)
+    with _exclusive(working.parent / "write.lock", lock_timeout_s):
+        if not working.exists() and path.exists():
+            shutil.copyfile(path, working)  # a warehouse from before writers had a private copy
+        conn = duckdb.connect(str(working))
         try:
-            conn = duckdb.connect(str(path))
-            break
-        except duckdb.Error as exc:
-            if not _is_lock_error(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(delay + random.uniform(0, delay))
-            delay = min(delay * 2, 2.0)
-    try:
-        conn.execute(SCHEMA)
-        conn.execute(CREATE_PROMOTION_TABLES)
-        yield conn
-    finally:
-        conn.close()
+            conn.execute(SCHEMA)
+            conn.execute(CREATE_PROMOTION_TABLES)
+            yield conn
+            conn.execute("CHECKPOINT")  # everything into the main file before it is copied
+        finally:
+            conn.close()
+        _publish(working, path)
 
 
 @contextmanager
 def read_connection(path: Path, lock_timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection, the way SQL users should open the warehouse."""
+    """A read-only connection to the published warehouse, the way SQL users should open it."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no warehouse yet; run `model-eval run` first")
     deadline = time.monotonic() + lock_timeout_s
@@ -133,6 +169,7 @@ def read_connection(path: Path, lock_timeout_s: float = 60.0) -> Iterator[duckdb
             conn = duckdb.connect(str(path), read_only=True)
             break
         except duckdb.Error as exc:
+            # Only someone opening the public file for writing by hand can cause this; wait for them.
             if not _is_lock_error(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.1 + random.uniform(0, 0.1))

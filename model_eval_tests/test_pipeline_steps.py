@@ -107,3 +107,19 @@ def test_the_key_never_reaches_the_warehouse_or_logs(fake_paths, fake_server, lo
     with warehouse.read_connection(fake_paths.warehouse_file) as conn:
         for (table,) in conn.sql("SELECT table_name FROM information_schema.tables").fetchall():
             assert CANARY not in repr(conn.sql(f"SELECT * FROM {table}").fetchall()), table
+
+
+def test_an_open_reader_never_blocks_a_write_and_sees_a_consistent_snapshot(fake_paths, log):
+    import duckdb
+
+    pipeline.ingest_golden(fake_paths, "run-1", log)
+    reader = duckdb.connect(str(fake_paths.warehouse_file), read_only=True)   # e.g. a person's duckdb CLI, left open
+    try:
+        before = reader.sql("SELECT count(*) FROM golden_cases").fetchall()[0][0]
+        cases_dir = fake_paths.golden_dir / "classification" / "cases"
+        (cases_dir / "v2.jsonl").write_text((cases_dir / "v1.jsonl").read_text())
+        pipeline.ingest_golden(fake_paths, "run-2", log)                      # does not wait for the reader
+        assert reader.sql("SELECT count(*) FROM golden_cases").fetchall()[0][0] == before  # its snapshot is stable
+    finally:
+        reader.close()
+    assert _count(fake_paths, "SELECT count(*) FROM golden_cases") == before + 16  # new readers see the change
