@@ -114,9 +114,8 @@ def test_failing_gate_blocks_promotion_in_the_run_and_across_runs(setup):
     assert outcome.error is None and "gate_costs_known" in outcome.blocked and "grading" in outcome.blocked
     assert gates == []  # model_assignments never ran, so it recorded nothing
     # Run promotion on its own later: the gate still blocks (it is evaluated again, not remembered from the check).
-    dg.materialize([a for a in defs.assets if a.key.path[0] in ("model_assignments",)],
-                            instance=setup["instance"], resources={"model_eval": defs.resources["model_eval"]},
-                            selection=["model_assignments"], raise_on_error=False)
+    defs.resolve_job_def("recommend").execute_in_process(
+        instance=setup["instance"], asset_selection=[dg.AssetKey("model_assignments")], raise_on_error=False)
     assert state(setup).model == "always-pass"
     with warehouse.read_connection(setup["paths"].warehouse_file) as conn:
         blocked = conn.sql("SELECT detail FROM promotion_gates WHERE gate = 'costs_known' AND NOT passed").fetchall()

@@ -63,9 +63,14 @@ def test_ui_loads_the_asset_graph_jobs_and_partitions(webserver):
     assert [e["name"] for e in entries] == ["model_eval"]
     assert entries[0]["locationOrLoadError"]["__typename"] == "RepositoryLocation", entries
     nodes = {n["assetKey"]["path"][0]: n for n in data["assetNodes"]}
-    assert set(nodes) == {"golden_cases", "model_registry", "inference_results", "scores", "model_task_metrics", "recommendations"}
+    assert set(nodes) == {"golden_cases", "model_registry", "inference_results", "scores", "model_task_metrics",
+                          "recommendations", "production_calls", "model_assignments"}
     assert nodes["inference_results"]["isPartitioned"] and nodes["scores"]["isPartitioned"]
     assert not nodes["recommendations"]["isPartitioned"]
     jobs = _graphql(webserver, """{ repositoriesOrError { ... on RepositoryConnection { nodes { jobs { name } } } } }""")
     names = {j["name"] for j in jobs["data"]["repositoriesOrError"]["nodes"][0]["jobs"]}
-    assert {"prepare", "evaluate_model", "recommend"} <= names
+    assert {"prepare", "evaluate_model", "recommend", "refresh_model"} <= names
+    automation = _graphql(webserver, """{ repositoriesOrError { ... on RepositoryConnection { nodes {
+        schedules { name cronSchedule } sensors { name } } } } }""")["data"]["repositoriesOrError"]["nodes"][0]
+    assert automation["schedules"] == [{"name": "weekly_evaluation", "cronSchedule": "0 1 * * 0"}]
+    assert {s["name"] for s in automation["sensors"]} >= {"new_model_sensor", "golden_version_sensor", "evaluation_complete"}
