@@ -61,6 +61,54 @@ class RetryPolicy:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+class AdaptiveLimit:
+    """Calls in flight for one model: halved on a rate limit, raised by one after a window of successes.
+
+    Additive increase, multiplicative decrease (as TCP does): a burst of 429s backs off at once,
+    sustained success climbs back to the configured maximum. One burst halves the limit once: a
+    429 only counts if its call started after the last decrease (the `epoch` it carries).
+    """
+
+    def __init__(self, maximum: int, minimum: int = 1):
+        self.maximum = maximum
+        self.minimum = minimum
+        self.limit = maximum
+        self.in_flight = 0
+        self.epoch = 0
+        self._successes = 0
+        self._changed = asyncio.Condition()
+        self.trace: list[tuple[float, int]] = [(time.monotonic(), maximum)]
+
+    async def acquire(self) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+            return self.epoch
+
+    async def release(self) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    def rate_limited(self, started_epoch: int) -> None:
+        if started_epoch != self.epoch:
+            return
+        self.epoch += 1
+        self._successes = 0
+        self._set(max(self.minimum, self.limit // 2))
+
+    def succeeded(self) -> None:
+        self._successes += 1
+        if self._successes >= self.limit and self.limit < self.maximum:
+            self._successes = 0
+            self._set(self.limit + 1)
+
+    def _set(self, limit: int) -> None:
+        if limit != self.limit:
+            self.limit = limit
+            self.trace.append((time.monotonic(), limit))
+
+
 @dataclass
 class RunStats:
     total: int = 0
@@ -70,8 +118,10 @@ class RunStats:
     retries: int = 0
     errors: int = 0
     unknown_cost: int = 0
+    rate_limited: int = 0
     wall_s: float = 0.0
     error_classes: dict[str, int] = field(default_factory=dict)
+    concurrency_trace: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, calls allowed in flight)
 
 
 ProgressFn = Callable[[RunStats], None]
@@ -216,7 +266,7 @@ async def run_model(
     secrets = [k for k in [spec.api_key()] if k]
     cached = cache.get_many([r.key for r in requests], max_age_s=cache_max_age_s)
     rows: list[dict[str, Any]] = []
-    semaphore = asyncio.Semaphore(spec.max_concurrency)
+    limit = AdaptiveLimit(spec.max_concurrency)
 
     def finish(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -268,49 +318,58 @@ async def run_model(
                     "error_class": None, "error_message": None, "attempts": 0, "from_cache": True,
                     "completed_at": time.time()})
             return
-        async with semaphore:
-            attempt = 0
-            while True:
-                attempt += 1
-                stats.sent += 1
-                t0 = time.perf_counter()
-                try:
-                    # httpx applies the provider timeout per read; this makes it a deadline for the
-                    # whole call, so a server trickling its answer cannot hold a slot indefinitely.
-                    # The small grace lets the provider's own timeout (a clearer error) fire first.
-                    async with asyncio.timeout(spec.timeout_s * 1.1 + 0.5):
-                        response = await completion(
-                            model=spec.litellm_model, messages=req.messages, api_base=spec.api_base,
-                            api_key=spec.api_key() or ("sk-no-key" if spec.api_base else None),
-                            timeout=spec.timeout_s, num_retries=0, max_retries=0, **req.params,
-                        )
-                except Exception as exc:  # noqa: BLE001 - every failure is recorded, none crashes the run
-                    latency_ms = (time.perf_counter() - t0) * 1000
-                    if is_retryable(exc) and attempt < spec.max_attempts:
-                        stats.retries += 1
-                        await asyncio.sleep(retry.delay(attempt, retry_after_seconds(exc)))
-                        continue
-                    finish({**base_row(req), "response_text": None, "latency_ms": latency_ms, "input_tokens": None,
-                            "output_tokens": None, "finish_reason": None, "cost_usd": None,
-                            "error_class": type(exc).__name__, "error_message": redact(str(exc), secrets)[:2000],
-                            "attempts": attempt, "from_cache": False, "completed_at": time.time()})
-                    return
-                # Success: outside the try, so a problem recording it can never add a second, failed row.
+        attempt = 0
+        while True:
+            attempt += 1
+            # The slot is held for the call only, not while backing off: a model that asks us to
+            # wait should not have its waiting calls count as load.
+            epoch = await limit.acquire()
+            stats.sent += 1
+            t0 = time.perf_counter()
+            try:
+                # httpx applies the provider timeout per read; this makes it a deadline for the
+                # whole call, so a server trickling its answer cannot hold a slot indefinitely.
+                # The small grace lets the provider's own timeout (a clearer error) fire first.
+                async with asyncio.timeout(spec.timeout_s * 1.1 + 0.5):
+                    response = await completion(
+                        model=spec.litellm_model, messages=req.messages, api_base=spec.api_base,
+                        api_key=spec.api_key() or ("sk-no-key" if spec.api_base else None),
+                        timeout=spec.timeout_s, num_retries=0, max_retries=0, **req.params,
+                    )
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded, none crashes the run
                 latency_ms = (time.perf_counter() - t0) * 1000
-                text, finish_reason = _text_and_finish(response)
-                input_tokens, output_tokens = _usage(response)
-                payload = {"response_text": text, "latency_ms": latency_ms, "input_tokens": input_tokens,
-                           "output_tokens": output_tokens, "finish_reason": finish_reason}
-                remember(req.key, payload)
-                finish({**base_row(req), **payload, "cost_usd": cost_of(input_tokens, output_tokens),
-                        "error_class": None, "error_message": None, "attempts": attempt, "from_cache": False,
-                        "completed_at": time.time()})
+                await limit.release()
+                if _status_of(exc) == 429 or type(exc).__name__ == "RateLimitError":
+                    stats.rate_limited += 1
+                    limit.rate_limited(epoch)
+                if is_retryable(exc) and attempt < spec.max_attempts:
+                    stats.retries += 1
+                    await asyncio.sleep(retry.delay(attempt, retry_after_seconds(exc)))
+                    continue
+                finish({**base_row(req), "response_text": None, "latency_ms": latency_ms, "input_tokens": None,
+                        "output_tokens": None, "finish_reason": None, "cost_usd": None,
+                        "error_class": type(exc).__name__, "error_message": redact(str(exc), secrets)[:2000],
+                        "attempts": attempt, "from_cache": False, "completed_at": time.time()})
                 return
+            # Success: outside the try, so a problem recording it can never add a second, failed row.
+            latency_ms = (time.perf_counter() - t0) * 1000
+            await limit.release()
+            limit.succeeded()
+            text, finish_reason = _text_and_finish(response)
+            input_tokens, output_tokens = _usage(response)
+            payload = {"response_text": text, "latency_ms": latency_ms, "input_tokens": input_tokens,
+                       "output_tokens": output_tokens, "finish_reason": finish_reason}
+            remember(req.key, payload)
+            finish({**base_row(req), **payload, "cost_usd": cost_of(input_tokens, output_tokens),
+                    "error_class": None, "error_message": None, "attempts": attempt, "from_cache": False,
+                    "completed_at": time.time()})
+            return
 
     try:
         await asyncio.gather(*(one(r) for r in requests))
     finally:
         flush_cache()
     stats.wall_s = time.perf_counter() - started
+    stats.concurrency_trace = limit.trace
     frame = pl.DataFrame(rows, schema=RESULT_SCHEMA).sort("task", "case_id", "repeat")
     return frame, stats
