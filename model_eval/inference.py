@@ -8,11 +8,13 @@ response cache so unchanged work is never sent twice. Plain asyncio; no Dagster 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 import polars as pl
 
@@ -128,22 +130,28 @@ ProgressFn = Callable[[RunStats], None]
 CompletionFn = Callable[..., Awaitable[Any]]
 
 
-def build_requests(spec: ModelSpec, tasks: list[TaskSpec], cases: pl.DataFrame) -> list[CallRequest]:
-    """Every (case x repeat) this model must answer, for the tasks it serves, in a stable order."""
-    import json
+def iter_requests(spec: ModelSpec, tasks: list[TaskSpec], cases: Iterable[dict[str, Any]]) -> Iterator[CallRequest]:
+    """Every (case x repeat) this model must answer, for the tasks it serves, one at a time.
 
-    requests = []
-    for task in tasks:
-        if not spec.serves(task.name, task.tier):
+    `cases` are golden_cases rows (dicts with task, dataset_version, case_id, inputs_json), in any
+    order; a generator keeps a suite of any size out of memory.
+    """
+    by_name = {t.name: t for t in tasks if spec.serves(t.name, t.tier)}
+    for row in cases:
+        task = by_name.get(row["task"])
+        if task is None or row["dataset_version"] != task.dataset_version:
             continue
         params = {**spec.params, **task.call_params}
-        task_cases = cases.filter((pl.col("task") == task.name) & (pl.col("dataset_version") == task.dataset_version)).sort("case_id")
-        for row in task_cases.iter_rows(named=True):
-            messages = task.render_messages(json.loads(row["inputs_json"]))
-            for repeat in range(task.repeats):
-                requests.append(CallRequest(task.name, task.dataset_version, row["case_id"], repeat, messages, params,
-                                            cache_key(spec.config_hash, messages, params, repeat)))
-    return requests
+        messages = task.render_messages(json.loads(row["inputs_json"]))
+        for repeat in range(task.repeats):
+            yield CallRequest(task.name, task.dataset_version, row["case_id"], repeat, messages, params,
+                              cache_key(spec.config_hash, messages, params, repeat))
+
+
+def build_requests(spec: ModelSpec, tasks: list[TaskSpec], cases: pl.DataFrame) -> list[CallRequest]:
+    """All requests as a list, in a stable order (for small suites and tests)."""
+    ordered = cases.sort("task", "case_id").iter_rows(named=True)
+    return list(iter_requests(spec, tasks, ordered))
 
 
 def _status_of(exc: BaseException) -> int | None:
@@ -246,7 +254,7 @@ def _text_and_finish(response: Any) -> tuple[str | None, str | None]:
 
 async def run_model(
     spec: ModelSpec,
-    requests: list[CallRequest],
+    requests: Iterable[CallRequest],
     cache: ResponseCache,
     *,
     retry: RetryPolicy = RetryPolicy(),
@@ -254,22 +262,32 @@ async def run_model(
     on_progress: ProgressFn | None = None,
     progress_every: int = 10,
     cache_max_age_s: float | None = None,
-) -> tuple[pl.DataFrame, RunStats]:
-    """Answer every request for one model; returns one row per request and the run's totals.
+    sink: Callable[[pl.DataFrame], None] | None = None,
+    batch_rows: int = 5000,
+    total: int | None = None,
+) -> tuple[pl.DataFrame | None, RunStats]:
+    """Answer every request for one model; returns the rows and the run's totals.
 
+    Memory stays bounded whatever the suite's size: requests are pulled from the iterable as
+    workers free up, the cache is consulted a chunk at a time, and with a `sink` the result rows
+    are handed over in batches of `batch_rows` (then None is returned instead of a frame).
     Cached answers are reused; `cache_max_age_s` makes older ones be asked again (a scheduled
     re-evaluation must see today's model, or a provider's silent change would never show).
     """
-    stats = RunStats(total=len(requests))
+    if total is None and isinstance(requests, list):
+        total = len(requests)
+    stats = RunStats(total=total or 0)
     started = time.perf_counter()
     cost_of = CostCalculator(spec)
     secrets = [k for k in [spec.api_key()] if k]
-    cached = cache.get_many([r.key for r in requests], max_age_s=cache_max_age_s)
     rows: list[dict[str, Any]] = []
     limit = AdaptiveLimit(spec.max_concurrency)
 
     def finish(row: dict[str, Any]) -> None:
         rows.append(row)
+        if sink is not None and len(rows) >= batch_rows:
+            sink(pl.DataFrame(rows, schema=RESULT_SCHEMA))
+            rows.clear()
         stats.done += 1
         if row["error_class"]:
             stats.errors += 1
@@ -310,8 +328,7 @@ async def run_model(
         except Exception as exc:  # noqa: BLE001 - the answers are still recorded in the results; only resumability suffers
             log.warning("model %s: could not write %d answers to the response cache: %s", spec.name, len(batch), exc)
 
-    async def one(req: CallRequest) -> None:
-        hit = cached.get(req.key)
+    async def one(req: CallRequest, hit: dict[str, Any] | None) -> None:
         if hit is not None:
             stats.cached += 1
             finish({**base_row(req), **hit, "cost_usd": cost_of(hit["input_tokens"], hit["output_tokens"]),
@@ -365,11 +382,34 @@ async def run_model(
                     "completed_at": time.time()})
             return
 
+    # A bounded queue between a feeder (which looks up the cache a chunk at a time) and a fixed pool
+    # of workers. Twice the concurrency limit in workers, so calls sleeping in a backoff do not
+    # leave the allowed slots idle.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+    workers_n = 2 * spec.max_concurrency + 2
+
+    async def feed() -> None:
+        iterator = iter(requests)
+        while chunk := list(itertools.islice(iterator, 500)):
+            hits = cache.get_many([r.key for r in chunk], max_age_s=cache_max_age_s)
+            for req in chunk:
+                await queue.put((req, hits.get(req.key)))
+        for _ in range(workers_n):
+            await queue.put(None)
+
+    async def work() -> None:
+        while (item := await queue.get()) is not None:
+            await one(*item)
+
     try:
-        await asyncio.gather(*(one(r) for r in requests))
+        await asyncio.gather(feed(), *(work() for _ in range(workers_n)))
     finally:
         flush_cache()
+    stats.total = max(stats.total, stats.done)
     stats.wall_s = time.perf_counter() - started
     stats.concurrency_trace = limit.trace
-    frame = pl.DataFrame(rows, schema=RESULT_SCHEMA).sort("task", "case_id", "repeat")
-    return frame, stats
+    if sink is not None:
+        if rows:
+            sink(pl.DataFrame(rows, schema=RESULT_SCHEMA))
+        return None, stats
+    return pl.DataFrame(rows, schema=RESULT_SCHEMA).sort("task", "case_id", "repeat"), stats

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
@@ -20,7 +22,7 @@ from model_eval import warehouse
 from model_eval.errors import GoldenSetError
 from model_eval.golden import TaskSpec, load_tasks, read_cases
 from model_eval.golden_validation import validate_cases
-from model_eval.inference import ProgressFn, RetryPolicy, RunStats, build_requests, run_model
+from model_eval.inference import ProgressFn, RetryPolicy, RunStats, iter_requests, run_model
 from model_eval.metrics import LATEST_METRICS_SQL, compute_metrics
 from model_eval.policies import recommend, registered_policies
 from model_eval.registry import ModelSpec, Registry, availability, load_registry
@@ -88,14 +90,6 @@ def ingest_golden(paths: ProjectPaths, eval_run_id: str, log: Log) -> GoldenInge
     return GoldenIngestion(tasks=tasks, versions=versions, new_cases=new_cases, expectations_run=expectations)
 
 
-def current_cases(conn, task_names: list[str] | None = None) -> pl.DataFrame:
-    """The validated cases of each task's current version, exactly as ingested."""
-    frame = conn.sql("""
-        SELECT c.* FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
-        WHERE v.is_current ORDER BY c.task, c.case_id""").pl()
-    return frame.filter(pl.col("task").is_in(task_names)) if task_names else frame
-
-
 # ---------------------------------------------------------------- model registry
 @dataclass(frozen=True)
 class RegistrySync:
@@ -157,33 +151,57 @@ def run_inference(
     """Every (case x repeat) of every task the model serves; replaces this (eval run, model) slice."""
     registry = load_registry(paths.registry_file, paths.discovered_registry_file)
     spec = registry.get(model_name)
-    tasks = load_tasks(paths.golden_dir, only=task_names)
+    tasks = [t for t in load_tasks(paths.golden_dir, only=task_names) if spec.serves(t.name, t.tier)]
+    staging = paths.warehouse_file.parent / "staging" / f"{eval_run_id}--{spec.name}"
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed attempt: their answers are in the cache
+    staging.mkdir(parents=True)
+    parts = itertools.count()
+
+    def write_batch(batch: pl.DataFrame) -> None:
+        # Result rows go to Parquet as they come, so memory does not grow with the suite.
+        batch.write_parquet(staging / f"part-{next(parts):05d}.parquet")
+
+    # Holding a read connection is safe: writers publish by rename and never wait for readers.
     with warehouse.read_connection(paths.warehouse_file) as conn:
-        cases = current_cases(conn, [t.name for t in tasks])
-    missing = sorted({t.name for t in tasks} - set(cases["task"].unique().to_list()))
-    if missing:
-        raise GoldenSetError(paths.golden_dir, f"task(s) {', '.join(missing)} have no ingested cases; materialize golden_cases first")
-    requests = build_requests(spec, tasks, cases)
-    log.info(f"model {spec.name}: {len(requests)} calls over {len(tasks)} task(s)")
-    kwargs = {"completion": completion} if completion is not None else {}
-    with ResponseCache(paths.cache_file) as cache:
-        results, stats = asyncio.run(run_model(spec, requests, cache, retry=retry, on_progress=on_progress,
-                                               cache_max_age_s=cache_max_age_s, **kwargs))
-    results = results.with_columns(pl.lit(eval_run_id).alias("eval_run_id"), pl.lit(dagster_run_id, pl.String).alias("dagster_run_id"))
+        counts = dict(conn.sql(CURRENT_CASE_COUNTS).fetchall())
+        missing = sorted(t.name for t in tasks if not counts.get(t.name))
+        if missing:
+            raise GoldenSetError(paths.golden_dir, f"task(s) {', '.join(missing)} have no ingested cases; materialize golden_cases first")
+        total = sum(counts[t.name] * t.repeats for t in tasks)
+        log.info(f"model {spec.name}: {total} calls over {len(tasks)} task(s)")
+        reader = conn.sql(CURRENT_CASES_FOR_INFERENCE, params={"tasks": [t.name for t in tasks]}).fetch_arrow_reader(2000)
+        cases = (row for batch in reader for row in batch.to_pylist())
+        kwargs = {"completion": completion} if completion is not None else {}
+        with ResponseCache(paths.cache_file) as cache:
+            _, stats = asyncio.run(run_model(spec, iter_requests(spec, tasks, cases), cache, retry=retry, on_progress=on_progress,
+                                             cache_max_age_s=cache_max_age_s, sink=write_batch, total=total, **kwargs))
     if stats.unknown_cost:
         log.warning(f"model {spec.name}: {stats.unknown_cost} call(s) have no known price; their cost is NULL")
     with warehouse.write_connection(paths.warehouse_file) as conn:
         conn.execute("BEGIN TRANSACTION")
         try:
             conn.execute("DELETE FROM inference_results WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
-            conn.register("incoming_rows", results.to_arrow())
-            conn.execute("INSERT INTO inference_results BY NAME SELECT * FROM incoming_rows")
+            if stats.done:
+                conn.execute(f"""INSERT INTO inference_results BY NAME
+                                 SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id FROM read_parquet('{staging}/*.parquet')""",
+                             [eval_run_id, dagster_run_id])
             _record_eval_run(conn, eval_run_id, trigger)
             conn.execute("COMMIT")
         except Exception:
             conn.execute("ROLLBACK")
             raise
+    shutil.rmtree(staging, ignore_errors=True)
     return stats
+
+
+CURRENT_CASE_COUNTS = """
+SELECT c.task, count(*) FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
+WHERE v.is_current GROUP BY c.task"""
+
+CURRENT_CASES_FOR_INFERENCE = """
+SELECT c.task, c.dataset_version, c.case_id, c.inputs_json
+FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
+WHERE v.is_current AND list_contains($tasks::VARCHAR[], c.task) ORDER BY c.task, c.case_id"""
 
 
 def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:
