@@ -12,7 +12,6 @@ import sys
 import time
 
 import polars as pl
-import pytest
 import yaml
 
 from model_eval import pipeline, warehouse

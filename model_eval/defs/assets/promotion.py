@@ -1,5 +1,4 @@
 import dagster as dg
-import polars as pl
 
 from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
 from model_eval.pipeline import ingest_production_calls, promote
