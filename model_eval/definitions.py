@@ -27,3 +27,8 @@ defs = dg.Definitions(
     sensors=[new_model_sensor, golden_version_sensor, evaluation_complete, alert_on_run_failure],
     resources={"model_eval": ModelEvalResource()},
 )
+
+
+def refresh_model_job() -> dg.JobDefinition:
+    """The `refresh_model` job, for `dg.reconstructable` (multiprocess execution outside the UI)."""
+    return defs.resolve_job_def("refresh_model")
