@@ -65,3 +65,16 @@ def paths(tmp_path: Path) -> ProjectPaths:
     shutil.copyfile(PROJECT_ROOT / "models.yaml", registry)
     return ProjectPaths(golden_dir=golden, registry_file=registry, warehouse_file=tmp_path / "warehouse" / "model_eval.duckdb",
                         cache_file=tmp_path / "warehouse" / "cache" / "responses.sqlite")
+
+
+def use_project_files(monkeypatch, root: Path, golden: Path, registry: Path, deployment: Path):
+    """Point every entry point (resources, CLI, sensors) at these files, with a warehouse under `root`,
+    and return a real Dagster instance stored in `root/dagster_home`."""
+    import dagster as dg
+
+    for key, value in {"MODEL_EVAL_GOLDEN_DIR": golden, "MODEL_EVAL_REGISTRY": registry, "MODEL_EVAL_DEPLOYMENT": deployment,
+                       "MODEL_EVAL_WAREHOUSE": root / "warehouse" / "model_eval.duckdb"}.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # local receivers must not be reached through a proxy
+    (root / "dagster_home").mkdir(exist_ok=True)
+    return dg.DagsterInstance.local_temp(tempdir=str(root / "dagster_home"))

@@ -24,7 +24,7 @@ from model_eval.defs.automation import (
 from model_eval.defs.resources import EVAL_RUN_TAG, ModelEvalResource
 from model_eval.definitions import defs
 from model_eval.settings import ProjectPaths
-from model_eval_tests.conftest import copy_golden
+from model_eval_tests.conftest import copy_golden, use_project_files
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, ok
 from model_eval_tests.local_receivers import WebhookReceiver
 
@@ -49,12 +49,7 @@ def env(tmp_path, monkeypatch):
             "schedule": {"cron": "0 1 * * 0"},
         }))
         monkeypatch.setenv("TEST_ALERT_WEBHOOK", webhook.url("/hook"))
-        monkeypatch.setenv("no_proxy", "127.0.0.1")
-        for key, value in {"MODEL_EVAL_GOLDEN_DIR": golden, "MODEL_EVAL_REGISTRY": registry, "MODEL_EVAL_DEPLOYMENT": deployment,
-                           "MODEL_EVAL_WAREHOUSE": tmp_path / "warehouse" / "model_eval.duckdb"}.items():
-            monkeypatch.setenv(key, str(value))
-        (tmp_path / "dagster_home").mkdir()
-        instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster_home"))
+        instance = use_project_files(monkeypatch, tmp_path, golden, registry, deployment)
         yield {"instance": instance, "registry": registry, "deployment": deployment, "entry": entry, "server": server,
                "golden": golden, "webhook": webhook, "paths": ProjectPaths.from_env(), "tmp": tmp_path}
 

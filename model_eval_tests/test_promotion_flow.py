@@ -21,7 +21,7 @@ from model_eval.promotion import current_assignments
 from model_eval.registry import load_registry
 from model_eval.router import Router
 from model_eval.settings import ProjectPaths
-from model_eval_tests.conftest import copy_golden
+from model_eval_tests.conftest import copy_golden, use_project_files
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, ok, server_error
 from model_eval_tests.local_receivers import SmtpReceiver, WebhookReceiver
 
@@ -71,12 +71,7 @@ def setup(tmp_path, monkeypatch):
                                 "recipients": ["team@example.org"]}},
         }))
         monkeypatch.setenv("TEST_ALERT_WEBHOOK", webhook.url("/hooks/T000/canary-secret"))
-        monkeypatch.setenv("no_proxy", "127.0.0.1")
-        for key, value in {"MODEL_EVAL_GOLDEN_DIR": golden, "MODEL_EVAL_REGISTRY": registry, "MODEL_EVAL_DEPLOYMENT": deployment,
-                           "MODEL_EVAL_WAREHOUSE": tmp_path / "warehouse" / "model_eval.duckdb"}.items():
-            monkeypatch.setenv(key, str(value))
-        (tmp_path / "dagster_home").mkdir()
-        instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster_home"))
+        instance = use_project_files(monkeypatch, tmp_path, golden, registry, deployment)
         yield {"paths": ProjectPaths.from_env(), "instance": instance, "registry_file": registry, "broken": broken,
                "webhook": webhook, "smtp": smtp, "tmp": tmp_path}
 

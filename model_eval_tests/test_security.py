@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 
-import dagster as dg
 import pytest
 import yaml
 
@@ -14,7 +13,7 @@ from model_eval.errors import InputError
 from model_eval.orchestration import run_evaluation
 from model_eval.registry import load_registry
 from model_eval.settings import ProjectPaths
-from model_eval_tests.conftest import copy_golden
+from model_eval_tests.conftest import copy_golden, use_project_files
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, ok, server_error
 from model_eval_tests.local_receivers import SmtpReceiver, WebhookReceiver
 
@@ -77,13 +76,7 @@ def test_a_canary_key_never_reaches_warehouse_logs_run_metadata_or_reports(tmp_p
             "alerts": {"log_file": str(tmp_path / "alerts.log"), "webhook_url_env": "CANARY_HOOK"}}))
         monkeypatch.setenv("CANARY_PROVIDER_KEY", CANARY)
         monkeypatch.setenv("CANARY_HOOK", hook.url("/hook"))
-        monkeypatch.setenv("no_proxy", "127.0.0.1")
-        for key, value in {"MODEL_EVAL_GOLDEN_DIR": golden, "MODEL_EVAL_REGISTRY": tmp_path / "models.yaml",
-                           "MODEL_EVAL_DEPLOYMENT": tmp_path / "deployment.yaml",
-                           "MODEL_EVAL_WAREHOUSE": tmp_path / "warehouse" / "model_eval.duckdb"}.items():
-            monkeypatch.setenv(key, str(value))
-        (tmp_path / "dagster_home").mkdir()
-        instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster_home"))
+        instance = use_project_files(monkeypatch, tmp_path, golden, tmp_path / "models.yaml", tmp_path / "deployment.yaml")
         paths = ProjectPaths.from_env()
         registry = load_registry(paths.registry_file)
         outcome = run_evaluation(defs, instance, paths, registry, list(registry.models), ["grading"], say=print,
