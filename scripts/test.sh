@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# A real PostgreSQL server for the instance-storage test (apt-get when missing; the test skips, saying
+# why, if it cannot be had — unless MODEL_EVAL_REQUIRE_POSTGRES=1, as in CI).
+./scripts/postgres_for_tests.sh >/dev/null || echo "PostgreSQL could not be installed: its test will be skipped" >&2
 export LITELLM_LOCAL_MODEL_COST_MAP=True GX_ANALYTICS_ENABLED=false DAGSTER_DISABLE_TELEMETRY=1
 set +e
 .venv/bin/python -m pytest "$@"
