@@ -179,3 +179,36 @@ def test_a_failed_run_sends_an_alert(env):
     assert "run of refresh_model failed" in body["text"] and "[CRITICAL]" in body["text"]
     logged = [json.loads(line) for line in (env["tmp"] / "alerts.log").read_text().splitlines()]
     assert logged[-1]["kind"] == "run_failed" and logged[-1]["model"] == "first"
+
+
+def test_models_listed_by_an_ollama_endpoint_are_discovered(env):
+    """A minimal local stand-in for Ollama's /api/tags (a test double: no Ollama on this machine)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Tags(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = json.dumps({"models": [{"name": "llama3.2:1b"}, {"name": "qwen2.5:0.5b"}]}).encode()
+            self.send_response(200 if self.path == "/api/tags" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Tags)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api_base = f"http://127.0.0.1:{server.server_address[1]}"
+        deployment = yaml.safe_load(env["deployment"].read_text())
+        deployment["discovery"] = {"ollama": [{"api_base": api_base, "prefix": "ollama-",
+                                               "template": {"price_per_million": {"input": 0, "output": 0}}}]}
+        env["deployment"].write_text(yaml.safe_dump(deployment))
+        requests, cursor = tick(new_model_sensor, env)
+    finally:
+        server.shutdown()
+    assert sorted(r.partition_key for r in requests) == ["first", "ollama-llama3.2-1b", "ollama-qwen2.5-0.5b"]
+    discovered = {m["name"]: m for m in yaml.safe_load(env["paths"].discovered_registry_file.read_text())["models"]}
+    assert discovered["ollama-llama3.2-1b"]["model"] == "ollama/llama3.2:1b"
+    assert discovered["ollama-llama3.2-1b"]["api_base"] == api_base
