@@ -1,6 +1,6 @@
 """All of model_eval's benchmarks, measured in one run, printed as one table.
 
-    python benchmarks/run.py            # the full run, ~8 minutes on the project's 2-core machine
+    python benchmarks/run.py            # the full run: ~5 minutes on the project's 2-core machine
     python benchmarks/run.py --quick    # a ~1 minute smoke run at about 1/10 of the sizes
     python benchmarks/run.py --only memory --memory-sizes 10000,100000   # one section again
 
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average (1/5/15 min): {load_before} before, {load()} after (other work shares these cores)")
     print(f"versions: {versions()}")
     print("endpoint: fake OpenAI server (test double) in separate processes on 127.0.0.1")
+    if args.quick:
+        # Runs of a second or two on a shared machine: a ratio can move by 20% between runs.
+        print("--quick: smoke sizes, the figures are noisy; judge the targets on the full run")
     print(common.format_table(figures))
     misses = [f.label for f in figures if f.ok is False]
     print(f"{len(misses)} MISS of {sum(f.ok is not None for f in figures)} targets; "

@@ -167,7 +167,7 @@ def top_functions(profiler: cProfile.Profile, limit: int = 25) -> str:
               f"({100 * own / total:.1f}%), not counting what it calls\n")
     # The engine's synchronous helpers, with what they call (e.g. SQLite under ResponseCache.put_many).
     # Coroutines are left out: their cumulative time includes every await, i.e. litellm.
-    coroutines = {"run_model", "one", "_default_completion", "acquire", "release"}
+    coroutines = {"run_model", "one", "work", "feed", "_default_completion", "acquire", "release"}
     helpers = sorted(((ct, nc, func, Path(path).name) for (path, _, func), (_, nc, _, ct, _) in stats.stats.items()
                       if "/model_eval/" in path and func not in coroutines), reverse=True)
     out.write("model_eval functions by cumulative time:\n")

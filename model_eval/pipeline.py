@@ -169,7 +169,7 @@ def run_inference(
             raise GoldenSetError(paths.golden_dir, f"task(s) {', '.join(missing)} have no ingested cases; materialize golden_cases first")
         total = sum(counts[t.name] * t.repeats for t in tasks)
         log.info(f"model {spec.name}: {total} calls over {len(tasks)} task(s)")
-        reader = conn.sql(CURRENT_CASES_FOR_INFERENCE, params={"tasks": [t.name for t in tasks]}).fetch_arrow_reader(2000)
+        reader = conn.sql(CURRENT_CASES_FOR_INFERENCE, params={"tasks": [t.name for t in tasks]}).to_arrow_reader(2000)
         cases = (row for batch in reader for row in batch.to_pylist())
         kwargs = {"completion": completion} if completion is not None else {}
         with ResponseCache(paths.cache_file) as cache:
@@ -181,10 +181,12 @@ def run_inference(
         conn.execute("BEGIN TRANSACTION")
         try:
             conn.execute("DELETE FROM inference_results WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
-            if stats.done:
-                conn.execute(f"""INSERT INTO inference_results BY NAME
-                                 SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id FROM read_parquet('{staging}/*.parquet')""",
-                             [eval_run_id, dagster_run_id])
+            part_files = sorted(str(p) for p in staging.glob("part-*.parquet"))
+            if part_files:
+                # The file list is a parameter: a path with quotes or glob characters stays a path.
+                conn.execute("""INSERT INTO inference_results BY NAME
+                                SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id FROM read_parquet(?)""",
+                             [eval_run_id, dagster_run_id, part_files])
             _record_eval_run(conn, eval_run_id, trigger)
             conn.execute("COMMIT")
         except Exception:
@@ -198,10 +200,11 @@ CURRENT_CASE_COUNTS = """
 SELECT c.task, count(*) FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
 WHERE v.is_current GROUP BY c.task"""
 
+# No ORDER BY: sorting would hold every case in memory before the first batch comes out.
 CURRENT_CASES_FOR_INFERENCE = """
 SELECT c.task, c.dataset_version, c.case_id, c.inputs_json
 FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
-WHERE v.is_current AND list_contains($tasks::VARCHAR[], c.task) ORDER BY c.task, c.case_id"""
+WHERE v.is_current AND list_contains($tasks::VARCHAR[], c.task)"""
 
 
 def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:
