@@ -183,8 +183,6 @@ print(json.dumps({"errors": errors, "seen": sorted(seen)}))
 
 
 def test_a_reader_querying_in_a_loop_during_writes_sees_no_error_and_no_half_partition(paths, log):
-    import asyncio  # noqa: F401 - run_inference uses its own loop
-
     with FakeOpenAIServer(_answer) as server:
         _setup_warehouse(paths, server, log)
         paths.registry_file.write_text(paths.registry_file.read_text().replace("max_concurrency: 4", "max_concurrency: 16"))

@@ -3,9 +3,8 @@ import polars as pl
 
 from model_eval.defs.partitions import MODELS
 from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
-from model_eval.pipeline import recommend_all, refresh_metrics, score_model
+from model_eval.pipeline import leaderboard, recommend_all, refresh_metrics, score_model
 from model_eval.warehouse import read_connection
-from model_eval.pipeline import leaderboard
 
 
 @dg.asset(group_name="evaluation", partitions_def=MODELS, deps=["inference_results"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
