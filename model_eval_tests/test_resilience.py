@@ -20,6 +20,7 @@ from model_eval.inference import CallRequest, RetryPolicy, run_model
 from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache, cache_key
 from model_eval.scoring import score_results
+from model_eval.settings import PROJECT_ROOT
 from model_eval_tests.fake_openai_server import (
     FakeOpenAIServer,
     garbage,
@@ -70,8 +71,8 @@ def test_fault_mix_over_2000_calls_loses_and_duplicates_nothing(tmp_path):
     assert 0.9 < (frame.height - failed.height) / frame.height < 1.0              # ~(0.4)^4 of calls fail 4 times
     cases = pl.DataFrame({"task": ["grading"] * 700, "dataset_version": ["v1"] * 700,
                           "case_id": [f"case-{i:04d}" for i in range(700)], "expected_json": ['"PASS"'] * 700})
-    scores = score_results(frame.with_columns(pl.lit("run").alias("eval_run_id")), cases,
-                           {t.name: t for t in load_tasks(__import__("model_eval.settings").settings.PROJECT_ROOT / "golden", only=["grading"])})
+    grading = load_tasks(PROJECT_ROOT / "golden", only=["grading"])[0]
+    scores = score_results(frame.with_columns(pl.lit("run").alias("eval_run_id")), cases, {"grading": grading})
     assert scores.height == frame.height
     assert scores.filter(pl.col("call_failed")).height == failed.height
     assert scores.filter(~pl.col("call_failed"))["correct"].all()
