@@ -15,7 +15,7 @@ Endpoints (on 127.0.0.1, ephemeral port, in a background thread with its own eve
 * ``POST /v1/chat/completions`` - answered as the script says (see `Reply`).
 * ``GET  /v1/models``           - lists the single model id (``fake`` by default).
 * ``GET  /_fake/stats``         - the counters as JSON; used when the server runs in another
-                                  process (``python -m model_eval_tests.fake_openai_server``).
+                                  process (``benchmarks/fake_endpoint.py`` runs it that way).
 
 Replies: `ok(text, tokens)`, `nonsense()`, `rate_limited(retry_after)`, `server_error(status)`,
 `hang(seconds)`, `slow_body(seconds)` and `garbage(body)`; see `Reply` for what each sends.
@@ -42,13 +42,11 @@ server is never the bottleneck.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import itertools
 import json
 import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -467,29 +465,3 @@ def _error_response(status: int, message: str, kind: str, headers: dict[str, str
     body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return web.json_response(body, status=status, headers=headers)
 
-
-# ---------------------------------------------------------------- standalone (another process)
-def main(argv: list[str] | None = None) -> int:
-    """Serve instant successes until stdin closes or --seconds pass; prints the port on its first line.
-
-    The benchmark runs the server this way so it does not compete with the client for the GIL.
-    """
-    parser = argparse.ArgumentParser(description="Scripted fake OpenAI server (a test double).")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--text", default="PASS")
-    parser.add_argument("--seconds", type=float, default=600.0, help="hard limit on how long it serves")
-    args = parser.parse_args(argv)
-    server = FakeOpenAIServer(always(ok(args.text)), port=args.port, keep_records=False).start()
-    print(server.port, flush=True)
-    deadline = time.monotonic() + args.seconds
-    # Stop when the parent closes our stdin (it exited or is done) or at the deadline, whichever first.
-    watcher = threading.Thread(target=sys.stdin.read, daemon=True)
-    watcher.start()
-    while watcher.is_alive() and time.monotonic() < deadline:
-        watcher.join(0.2)
-    server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
