@@ -12,6 +12,7 @@ import duckdb
 
 from model_eval.deployment import Gates
 from model_eval.golden import TaskSpec
+from model_eval.metrics import latest_metrics
 from model_eval.stats import mcnemar_exact, paired_bootstrap
 
 GATE_NAMES = ("threshold", "sample_size", "not_worse", "costs_known")
@@ -28,11 +29,8 @@ class GateResult:
     effect_size: float | None = None
 
 
-def _latest_metrics(conn: duckdb.DuckDBPyConnection, model: str, task: TaskSpec) -> dict | None:
-    rows = conn.sql("""
-        SELECT * FROM model_task_metrics WHERE model = $model AND task = $task AND dataset_version = $version
-        ORDER BY evaluated_at DESC LIMIT 1""", params={"model": model, "task": task.name, "version": task.dataset_version}).pl()
-    return rows.row(0, named=True) if rows.height else None
+def _latest_metrics(conn, model: str, task: TaskSpec) -> dict | None:
+    return latest_metrics(conn, model, task.name, task.dataset_version)
 
 
 def _scores(conn, model: str, task: TaskSpec, eval_run_id: str):

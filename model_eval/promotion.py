@@ -19,6 +19,7 @@ from model_eval.deployment import Deployment
 from model_eval.errors import InputError
 from model_eval.gates import GateResult, evaluate_gates
 from model_eval.golden import TaskSpec
+from model_eval.metrics import latest_metrics
 from model_eval.registry import Registry
 
 NEXT_STAGE = {"shadow": "partial", "partial": "full"}
@@ -91,13 +92,7 @@ def effective_assignments(conn, deployment: Deployment) -> dict[str, AssignmentS
 
 
 def _latest_metrics(conn, model: str, task: TaskSpec, since: datetime | None = None) -> dict | None:
-    frame = conn.sql("""
-        SELECT * FROM model_task_metrics WHERE model = $model AND task = $task AND dataset_version = $version
-        ORDER BY evaluated_at DESC LIMIT 1""", params={"model": model, "task": task.name, "version": task.dataset_version}).pl()
-    if not frame.height:
-        return None
-    row = frame.row(0, named=True)
-    return row if since is None or row["evaluated_at"] > since else None
+    return latest_metrics(conn, model, task.name, task.dataset_version, since)
 
 
 def record(conn, *, task: str, model: str, stage: str, traffic_share: float, previous_model: str | None, pinned: bool,
