@@ -5,7 +5,7 @@ task (golden/classification/task.yaml with `repeats: 1`) and N synthetic cases, 
 one model pointing at the instant fake endpoint. It then runs this module as child processes:
 
     python -m benchmarks.memory ingest PROJECT...   # idle RSS first, then ingest_golden + sync_registry
-    python -m benchmarks.memory evaluate PROJECT    # pipeline.run_inference of the model, timed
+    python -m benchmarks.memory evaluate PROJECT    # steps.evaluation.run_inference of the model, timed
 
 A child reports its own peak resident set on its last stdout line, as JSON: VmHWM from
 /proc/self/status, because ru_maxrss in a child inherits the parent's peak (see `peak_rss_mb`).
@@ -46,7 +46,10 @@ from benchmarks.common import REPO, Figure
 import aiohttp  # noqa: E402
 import litellm  # noqa: E402,F401  (run_inference imports it lazily at the first call; count it in the baseline)
 
-from model_eval import pipeline  # noqa: E402
+from model_eval.project import Project  # noqa: E402
+from model_eval.steps.evaluation import run_inference  # noqa: E402
+from model_eval.steps.golden import ingest_golden  # noqa: E402
+from model_eval.steps.models import sync_registry  # noqa: E402
 from model_eval.settings import ProjectPaths  # noqa: E402
 
 MODEL = "bench"
@@ -119,10 +122,10 @@ def child_ingest(roots: list[Path]) -> dict:
     for root in roots:
         paths = project_paths(root)
         started = time.perf_counter()
-        ingestion = pipeline.ingest_golden(paths, "bench-ingest", log)
+        ingestion = ingest_golden(Project.load(paths), "bench-ingest", log)
         ingest_s = time.perf_counter() - started
         started = time.perf_counter()
-        synced = pipeline.sync_registry(paths, "bench-ingest", log)
+        synced = sync_registry(Project.load(paths), "bench-ingest", log)
         if [m.name for m in synced.available] != [MODEL]:
             raise RuntimeError(f"model {MODEL} is not available: {synced.skipped}")
         # The peak only grows: after the smallest-first sizes it is each size's own peak.
@@ -144,7 +147,7 @@ def child_evaluate(root: Path, client: str) -> dict:
 
     completion = DirectCompletion() if client == "direct" else None
     started = time.perf_counter()
-    stats = pipeline.run_inference(project_paths(root), MODEL, EVAL_RUN_ID, log, on_progress=progress,
+    stats = run_inference(Project.load(project_paths(root)), MODEL, EVAL_RUN_ID, log, on_progress=progress,
                                    completion=completion)
     return {"seconds": time.perf_counter() - started, "calls": stats.total, "sent": stats.sent, "errors": stats.errors,
             "peak_rss_mb": peak_rss_mb()}

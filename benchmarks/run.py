@@ -10,7 +10,7 @@ Sections (see benchmarks/README.md for what each figure means, how it is measure
               against an instant fake endpoint; then an unchanged re-run (nothing may be sent).
 2 faults      ~2,000 calls against an endpoint that fails 40% of attempts (429, 500, hangs past the
               timeout, garbage), versus the same calls fault-free.
-3 memory      peak RSS of `pipeline.run_inference` for 10,000 and 100,000 cases, each in a fresh
+3 memory      peak RSS of `steps.evaluation.run_inference` for 10,000 and 100,000 cases, each in a fresh
               process, with the idle interpreter's RSS and the ingestion time beside it.
 4 warehouse   metrics and recommendations over 1,000,000 score rows; scoring per row.
 

@@ -4,9 +4,9 @@ The scores table is filled by DuckDB itself (range() and hash(), no Python loop)
 of a temporary warehouse: 5 models x the 3 shipped tasks x several eval runs, 3 repeats per case,
 80% correct, 1% failed calls, one model without prices. Then, as the pipeline does:
 
-* `metrics.compute_metrics` over every row, and `policies.recommend_all` per task over each model's
+* `metrics.compute_metrics` over every row, and `policies.recommend` for every policy per task over each model's
   newest metrics (the candidates the pipeline's recommend step would see), timed apart and together;
-* the same through the pipeline steps `refresh_metrics` + `recommend_all`, which also publish the
+* the same through the steps `refresh_metrics` + `recommend_tasks`, which also publish the
   warehouse (a private copy of the file, renamed over the public one);
 * `scoring.score_results` over synthetic inference rows, extrapolated per row to 1,000,000.
 """
@@ -23,10 +23,13 @@ import polars as pl
 
 from benchmarks.common import REPO, Figure
 
-from model_eval import pipeline, warehouse  # noqa: E402
+from model_eval import warehouse  # noqa: E402
+from model_eval.project import Project  # noqa: E402
+from model_eval.steps.recommendation import recommend_tasks, refresh_metrics  # noqa: E402
+
 from model_eval.golden import load_task, load_tasks  # noqa: E402
 from model_eval.metrics import compute_metrics  # noqa: E402
-from model_eval.policies import recommend_all  # noqa: E402
+from model_eval.policies import recommend, registered_policies  # noqa: E402
 from model_eval.scoring import score_results  # noqa: E402
 from model_eval.settings import ProjectPaths  # noqa: E402
 
@@ -71,7 +74,7 @@ def newest_candidates(metrics: pl.DataFrame, task: str, version: str) -> pl.Data
 
 
 def write_registry(path: Path) -> None:
-    """The synthetic models, enabled, so pipeline.recommend_all considers them."""
+    """The synthetic models, enabled, so the recommendation step considers them."""
     entries = "".join(f"  - {{name: model-{m}, model: openai/fake-{m}, provider: fake, family: fake}}\n"
                       for m in range(MODELS))
     path.write_text("models:\n" + entries)
@@ -96,11 +99,11 @@ class WarehouseFigures:
         return [
             Figure(f"4 warehouse: compute_metrics, {self.rows:,} score rows",
                    f"{self.metrics_s:.2f} s ({self.metric_rows} metric rows)"),
-            Figure("4 warehouse: policies.recommend_all per task",
+            Figure("4 warehouse: policies.recommend per task",
                    f"{self.recommend_s:.3f} s ({self.recommendations} recommendations, {self.champions} champions)"),
             Figure("4 warehouse: metrics + recommendations, per 1M rows", f"{recompute_1m:.2f} s",
                    f"<= {TARGET_RECOMPUTE_1M_S:g} s", recompute_1m <= TARGET_RECOMPUTE_1M_S),
-            Figure("4 warehouse: pipeline refresh_metrics + recommend_all", f"{self.pipeline_s:.2f} s (with writes)",
+            Figure("4 warehouse: steps refresh_metrics + recommend_tasks", f"{self.pipeline_s:.2f} s (with writes)",
                    f"<= {TARGET_RECOMPUTE_1M_S * self.rows / 1_000_000:g} s",
                    self.pipeline_s <= TARGET_RECOMPUTE_1M_S * self.rows / 1_000_000),
             Figure(f"4 warehouse: score_results (verdict), {self.score_rows:,} rows",
@@ -123,7 +126,8 @@ def measure(rows: int, score_rows: int, workdir: Path) -> WarehouseFigures:
     started = time.perf_counter()
     results = []
     for task in tasks:
-        results += recommend_all(newest_candidates(metrics, task.name, task.dataset_version), task.qualification_threshold)
+        candidates = newest_candidates(metrics, task.name, task.dataset_version)
+        results += [recommend(candidates, policy, task.qualification_threshold) for policy in registered_policies()]
     recommend_s = time.perf_counter() - started
 
     # As the pipeline's assets run them: metrics swapped in, then recommendations, each published.
@@ -132,11 +136,11 @@ def measure(rows: int, score_rows: int, workdir: Path) -> WarehouseFigures:
                          warehouse_file=db, cache_file=workdir / "warehouse-bench" / "cache.sqlite")
     quiet = logging.getLogger("bench.warehouse")
     started = time.perf_counter()
-    pipeline.refresh_metrics(paths, quiet)
-    frame = pipeline.recommend_all(paths, "bench-recommend", quiet)
+    refresh_metrics(Project.load(paths), quiet)
+    frame = recommend_tasks(Project.load(paths), "bench-recommend", quiet)
     pipeline_s = time.perf_counter() - started
     if frame.filter(pl.col("champion").is_not_null()).height != sum(r.champion is not None for r in results):
-        raise RuntimeError("pipeline.recommend_all and policies.recommend_all disagree on the champions")
+        raise RuntimeError("the recommendation step and policies.recommend disagree on the champions")
 
     score_s = measure_scoring(score_rows)
     return WarehouseFigures(rows=rows, metric_rows=metrics.height, metrics_s=metrics_s, recommend_s=recommend_s,

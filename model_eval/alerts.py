@@ -37,8 +37,6 @@ from typing import Any, Protocol
 
 from model_eval.errors import InputError
 
-# The kinds the pipeline sends; `Alert.kind` is not restricted to these so new ones need no change here.
-KINDS = ("run_failed", "gate_failed", "promotion", "rollback", "degradation")
 SEVERITIES = ("info", "warning", "critical")
 
 DEFAULT_LOG_FILE = "warehouse/alerts.log"

@@ -40,25 +40,21 @@ def _fail(message: str) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from model_eval.errors import ModelEvalError
-    from model_eval.golden import load_tasks
-    from model_eval.registry import availability, load_registry
+    from model_eval.project import Project
+    from model_eval.registry import split_by_availability
 
     paths = ProjectPaths.from_env()
     try:
-        tasks = load_tasks(paths.golden_dir, only=_split(args.tasks))
-        registry = load_registry(paths.registry_file, paths.discovered_registry_file)
-        chosen = registry.select(_split(args.models))
+        project = Project.load(paths)
+        tasks = project.select_tasks(_split(args.tasks))
+        chosen = project.registry.select(_split(args.models))
     except ModelEvalError as exc:
         return _fail(str(exc))
-    runnable = []
-    for spec in chosen:
-        reason = availability(spec)
-        if reason is None:
-            runnable.append(spec)
-        elif args.models:
-            return _fail(f"model {spec.name} cannot run: {reason}")
-        else:
-            print(f"skip {spec.name}: {reason}")
+    runnable, skipped = split_by_availability(chosen)
+    for name, reason in skipped.items():
+        if args.models:  # a model asked for by name must run
+            return _fail(f"model {name} cannot run: {reason}")
+        print(f"skip {name}: {reason}")
     if not runnable:
         return _fail("no enabled model can run (see the skip lines above)")
 
@@ -72,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get()
     print(f"{len(runnable)} model(s) x {len(task_names)} task(s); Dagster instance {os.environ['DAGSTER_HOME']}", flush=True)
     started = time.perf_counter()
-    outcome = run_evaluation(defs, instance, paths, registry, runnable, task_names, trigger="cli",
+    outcome = run_evaluation(defs(), instance, project, runnable, task_names, trigger="cli",
                              log_level="WARNING" if args.quiet else "INFO",
                              max_cache_age_hours=0.0 if args.fresh else args.max_cache_age_hours)
     if outcome.error:
@@ -94,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[str]) -> None:
     import polars as pl
 
-    from model_eval.pipeline import leaderboard
+    from model_eval.metrics import leaderboard
     from model_eval.warehouse import read_connection
 
     with read_connection(paths.warehouse_file) as conn:
@@ -143,11 +139,10 @@ def cmd_assign(args: argparse.Namespace) -> int:
     import getpass
 
     from model_eval.errors import ModelEvalError
-    from model_eval.golden import load_tasks
-    from model_eval.pipeline import publish_assignments
+    from model_eval.project import Project
     from model_eval.promotion import history, manual_action
-    from model_eval.registry import load_registry
-    from model_eval.warehouse import read_connection, write_connection
+    from model_eval.steps.models import publish_assignments
+    from model_eval.warehouse import read_connection, transaction, write_connection
 
     paths = ProjectPaths.from_env()
     if args.action == "show":
@@ -162,23 +157,21 @@ def cmd_assign(args: argparse.Namespace) -> int:
         with pl.Config(tbl_rows=-1, fmt_str_lengths=90, tbl_width_chars=250):
             print(frame.select(columns).tail(args.limit))
         return 0
+    if not args.task:
+        return _fail(f"{args.action} needs a task: model-eval assign {args.action} TASK ...")
     try:
-        task = load_tasks(paths.golden_dir, only=[args.task])[0] if args.task else None
-        registry = load_registry(paths.registry_file, paths.discovered_registry_file)
+        project = Project.load(paths)
+        task = project.task(args.task)
     except ModelEvalError as exc:
         return _fail(str(exc))
-    if task is None:
-        return _fail(f"{args.action} needs a task: model-eval assign {args.action} TASK ...")
     who = args.by or os.environ.get("USER") or getpass.getuser()
     with write_connection(paths.warehouse_file) as conn:
-        conn.execute("BEGIN TRANSACTION")
         try:
-            summary = manual_action(conn, args.action, task, registry, model=args.model, by=who, reason=args.reason or "")
-            conn.execute("COMMIT")
+            with transaction(conn):
+                summary = manual_action(conn, args.action, task, project.registry, model=args.model, by=who, reason=args.reason or "")
         except ValueError as exc:
-            conn.execute("ROLLBACK")
             return _fail(str(exc))
-        publish_assignments(paths, conn, registry)
+        publish_assignments(project, conn)
     print(f"{summary} (by {who}: {args.reason})")
     return 0
 

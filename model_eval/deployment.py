@@ -1,8 +1,9 @@
 """deployment.yaml: initial assignments, promotion gates, rollout stages, rollback thresholds,
-alerts, the schedule and model discovery. Every bad field is reported by name."""
+alerts, the schedule and model discovery. Every bad field is reported by name and line."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import yaml
 
 from model_eval.errors import InputError
 
-STAGES = ("shadow", "partial", "full")
+DEFAULT_SCHEDULE_CRON = "0 1 * * 0"  # Sundays 01:00
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,41 @@ def _section(data: dict, name: str, cls, path: Path):
     return result
 
 
-def load_deployment(path: Path, base_dir: Path) -> Deployment:
-    from model_eval.alerts import AlertSettings
+def _line_of(text: str, field: str) -> int | None:
+    """The line where a dotted field such as `discovery.ollama[0].api_base` stands in the YAML text."""
+    node = yaml.compose(text)
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", field):
+        if part.startswith("[") and isinstance(node, yaml.SequenceNode):
+            index = int(part[1:-1])
+            node = node.value[index] if index < len(node.value) else None
+        elif isinstance(node, yaml.MappingNode):
+            node = next((value for key, value in node.value if key.value == part), None)
+        else:
+            node = None
+        if node is None:
+            return None
+    return node.start_mark.line + 1
 
+
+def load_deployment(path: Path, base_dir: Path) -> Deployment:
     if not path.is_file():
         raise InputError(path, "deployment file not found")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise InputError(path, f"not valid YAML: {getattr(exc, 'problem', exc)}", line=None if mark is None else mark.line + 1) from None
+    try:
+        return _parse(data, path, base_dir)
+    except InputError as exc:
+        if exc.line is not None or exc.field is None:
+            raise
+        raise InputError(exc.path, exc.message, line=_line_of(text, exc.field), field=exc.field) from None
+
+
+def _parse(data, path: Path, base_dir: Path) -> Deployment:
+    from model_eval.alerts import AlertSettings
     if not isinstance(data, dict):
         raise InputError(path, "must be a mapping of sections")
     known = {"initial_assignments", "gates", "rollout", "degradation", "alerts", "schedule", "discovery"}
@@ -102,7 +128,7 @@ def load_deployment(path: Path, base_dir: Path) -> Deployment:
         raise InputError(path, "must map task names to model names", field="initial_assignments")
 
     schedule = data.get("schedule") or {}
-    cron = schedule.get("cron", "0 1 * * 0")
+    cron = schedule.get("cron", DEFAULT_SCHEDULE_CRON)
     if not isinstance(cron, str) or len(cron.split()) != 5:
         raise InputError(path, f"must be a 5-field cron expression, got {cron!r}", field="schedule.cron")
 

@@ -46,10 +46,6 @@ class TaskSpec:
     folder: Path
     placeholders: tuple[str, ...] = field(default=())
 
-    @property
-    def task_file(self) -> Path:
-        return self.folder / "task.yaml"
-
     def cases_file(self, version: str | None = None) -> Path:
         return self.folder / "cases" / f"{version or self.dataset_version}.jsonl"
 

@@ -152,12 +152,6 @@ def iter_requests(spec: ModelSpec, tasks: list[TaskSpec], cases: Iterable[dict[s
                               cache_key(spec.config_hash, messages, params, repeat))
 
 
-def build_requests(spec: ModelSpec, tasks: list[TaskSpec], cases: pl.DataFrame) -> list[CallRequest]:
-    """All requests as a list, in a stable order (for small suites and tests)."""
-    ordered = cases.sort("task", "case_id").iter_rows(named=True)
-    return list(iter_requests(spec, tasks, ordered))
-
-
 def _status_of(exc: BaseException) -> int | None:
     for attr in ("status_code", "status"):
         value = getattr(exc, attr, None)

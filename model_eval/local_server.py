@@ -13,8 +13,6 @@ process; only the LocalModelServer that started a process ever stops it.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import fcntl
 import ipaddress
 import json
 import os
@@ -30,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from model_eval.errors import ModelEvalError
+from model_eval.file_lock import exclusive_lock
 from model_eval.local_models import get_local_model
 
 # llama.cpp settings for every served model. The models are tiny; what matters
@@ -324,27 +323,10 @@ class LocalModelServer:
             return f"(log unreadable: {exc})"
         return "\n".join(lines[-_LOG_TAIL_LINES:])
 
-    @contextlib.contextmanager
     def _port_lock(self):
         # One small file per port, kept (deleting a lock file races with its
         # next user), in a folder of its own so they don't litter /tmp.
-        lock_dir = Path(tempfile.gettempdir()) / "model_eval_llama_locks"
-        lock_dir.mkdir(exist_ok=True)
-        lock_path = lock_dir / f"port_{self.port}.lock"
-        deadline = time.monotonic() + self.startup_timeout_s
-        with open(lock_path, "a") as lock_file:
-            while True:
-                try:
-                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise LocalServerError(
-                            f"another process has been starting a local model server on port "
-                            f"{self.port} for over {self.startup_timeout_s:g}s (lock {lock_path})"
-                        ) from None
-                    time.sleep(_POLL_INTERVAL_S)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        lock_path = Path(tempfile.gettempdir()) / "model_eval_llama_locks" / f"port_{self.port}.lock"
+        return exclusive_lock(lock_path, self.startup_timeout_s, lambda: LocalServerError(
+            f"another process has been starting a local model server on port "
+            f"{self.port} for over {self.startup_timeout_s:g}s (lock {lock_path})"), poll_s=_POLL_INTERVAL_S)

@@ -88,3 +88,9 @@ def latest_metrics(conn: duckdb.DuckDBPyConnection, model: str, task: str, datas
         return None
     row = frame.row(0, named=True)
     return row if since is None or row["evaluated_at"] > since else None
+
+
+def leaderboard(conn: duckdb.DuckDBPyConnection, task: str | None = None) -> pl.DataFrame:
+    """Newest metrics per model and task, best accuracy first: what people look at after a run."""
+    frame = conn.sql(LATEST_METRICS_SQL + " ORDER BY task, accuracy DESC, p50_latency_ms").pl()
+    return frame.filter(pl.col("task") == task) if task else frame

@@ -14,9 +14,9 @@ from typing import Callable
 import dagster as dg
 
 from model_eval.defs.resources import EVAL_RUN_TAG, TRIGGER_TAG
-from model_eval.registry import Registry, ModelSpec
+from model_eval.project import Project
+from model_eval.registry import ModelSpec
 from model_eval.serving import local_models_served
-from model_eval.settings import ProjectPaths
 
 
 @dataclass
@@ -59,8 +59,7 @@ def _check_failures(instance: dg.DagsterInstance, run_id: str) -> list[str]:
 def run_evaluation(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
-    paths: ProjectPaths,
-    registry: Registry,
+    project: Project,
     models: list[ModelSpec],
     task_names: list[str],
     *,
@@ -90,7 +89,7 @@ def run_evaluation(
     if error := execute("prepare", run_config=logging_config):
         outcome.error = f"prepare: {error}"
         return outcome
-    with local_models_served(registry, models, paths.warehouse_file.parent / "run"):
+    with local_models_served(project.registry, models, project.paths.warehouse_file.parent / "run"):
         for index, spec in enumerate(models, start=1):
             started = time.perf_counter()
             say(f"[{index}/{len(models)}] {spec.name}: evaluating ...")

@@ -213,6 +213,12 @@ def registered_policies() -> list[str]:
 # --------------------------------------------------------------------------
 
 
+def _unknown_cost_note(qualified: Sequence[Candidate], consequence: str) -> list[str]:
+    """A note naming the qualified models whose cost per case is unknown, and what the policy does about it."""
+    unknown = sorted(c.model for c in qualified if c.cost_per_case is None)
+    return [f"cost per case is unknown for {', '.join(unknown)}, so {consequence}"] if unknown else []
+
+
 def _min_max(values: dict[str, float | None], lower_is_better: bool) -> dict[str, float]:
     """Min-max normalise to 0..1, higher = better; all-equal -> 1.0; None -> 0.0."""
     known = [value for value in values.values() if value is not None]
@@ -249,10 +255,7 @@ class _CompositePolicy(Policy):
         }
 
     def notes(self, qualified: Sequence[Candidate]) -> list[str]:
-        unknown = sorted(c.model for c in qualified if c.cost_per_case is None)
-        if not unknown:
-            return []
-        return [f"cost per case is unknown for {', '.join(unknown)}, so the cost component counts as 0 for it"]
+        return _unknown_cost_note(qualified, "the cost component counts as 0 for it")
 
 
 # --------------------------------------------------------------------------
@@ -340,10 +343,7 @@ class CostPolicy(Policy):
         return _cost(score)
 
     def notes(self, qualified: Sequence[Candidate]) -> list[str]:
-        unknown = sorted(c.model for c in qualified if c.cost_per_case is None)
-        if not unknown:
-            return []
-        return [f"cost per case is unknown for {', '.join(unknown)}, so it ranks last"]
+        return _unknown_cost_note(qualified, "it ranks last")
 
 
 @register_policy
@@ -520,10 +520,3 @@ def recommend(candidates_df: pl.DataFrame, policy_name: str, threshold: float) -
     """Recommend a champion for one task under one policy."""
     policy = get_policy(policy_name)
     return _recommend(policy, candidates_from_frame(candidates_df), _check_threshold(threshold))
-
-
-def recommend_all(candidates_df: pl.DataFrame, threshold: float) -> list[Recommendation]:
-    """One recommendation per registered policy, in policy-name order."""
-    candidates = candidates_from_frame(candidates_df)
-    threshold = _check_threshold(threshold)
-    return [_recommend(get_policy(name), candidates, threshold) for name in registered_policies()]

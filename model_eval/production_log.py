@@ -27,22 +27,11 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from model_eval.warehouse import CREATE_PRODUCTION_TABLES, transaction
+
 logger = logging.getLogger(__name__)
 
 LOG_GLOB = "calls-*.jsonl"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS production_calls (
-    call_id VARCHAR PRIMARY KEY, ts TIMESTAMP, task VARCHAR, request_key_hash VARCHAR, model VARCHAR,
-    role VARCHAR, stage VARCHAR, bucket DOUBLE, latency_ms DOUBLE, input_tokens BIGINT,
-    output_tokens BIGINT, success BOOLEAN, error VARCHAR, rating DOUBLE, source_file VARCHAR,
-    rated_at TIMESTAMP, extra_json VARCHAR
-);
-CREATE TABLE IF NOT EXISTS production_log_offsets (file VARCHAR PRIMARY KEY, "offset" BIGINT);
-CREATE TABLE IF NOT EXISTS production_pending_ratings (
-    call_id VARCHAR PRIMARY KEY, rating DOUBLE, rated_at TIMESTAMP, source_file VARCHAR
-);
-"""
 
 CALL_SCHEMA = {
     "call_id": pl.String, "ts": pl.Datetime("us"), "task": pl.String, "request_key_hash": pl.String,
@@ -148,9 +137,8 @@ def ingest_call_logs(folder: Path, conn: duckdb.DuckDBPyConnection) -> int:
     """
     folder = Path(folder)
     files = sorted(folder.glob(LOG_GLOB)) if folder.is_dir() else []
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        conn.execute(SCHEMA)
+    with transaction(conn):
+        conn.execute(CREATE_PRODUCTION_TABLES)
         offsets = dict(conn.execute('SELECT file, "offset" FROM production_log_offsets').fetchall())
 
         calls: dict[str, dict[str, Any]] = {}
@@ -226,10 +214,6 @@ def ingest_call_logs(folder: Path, conn: duckdb.DuckDBPyConnection) -> int:
                 'INSERT INTO production_log_offsets VALUES (?, ?) ON CONFLICT (file) DO UPDATE SET "offset" = excluded."offset"',
                 [name, end],
             )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return added
 
 

@@ -21,8 +21,9 @@ from model_eval.gates import GateResult, evaluate_gates
 from model_eval.golden import TaskSpec
 from model_eval.metrics import latest_metrics
 from model_eval.registry import Registry
+from model_eval.router import STAGES
 
-NEXT_STAGE = {"shadow": "partial", "partial": "full"}
+NEXT_STAGE = dict(zip(STAGES, STAGES[1:]))  # shadow -> partial -> full
 
 
 def _now() -> datetime:
@@ -77,6 +78,15 @@ def current_assignments(conn: duckdb.DuckDBPyConnection) -> dict[str, Assignment
         pinned=bool(r["pinned"]), assigned_at=r["assigned_at"], baseline_accuracy=r["baseline_accuracy"],
         baseline_success_rate=r["baseline_success_rate"], baseline_p95_latency_ms=r["baseline_p95_latency_ms"],
     ) for r in frame.iter_rows(named=True)}
+
+
+def newest_champions(conn, tasks: list[TaskSpec]) -> dict[str, str | None]:
+    """Each task's champion under its own policy, from its newest recommendation on the current version."""
+    frame = conn.sql("""
+        SELECT task, dataset_version, champion FROM recommendations WHERE is_task_policy
+        QUALIFY row_number() OVER (PARTITION BY task, dataset_version ORDER BY created_at DESC) = 1""").pl()
+    current = {(t.name, t.dataset_version) for t in tasks}
+    return {r["task"]: r["champion"] for r in frame.iter_rows(named=True) if (r["task"], r["dataset_version"]) in current}
 
 
 def effective_assignments(conn, deployment: Deployment) -> dict[str, AssignmentState]:

@@ -276,3 +276,15 @@ def availability(spec: ModelSpec, connect_timeout_s: float = 0.5) -> str | None:
         except OSError as exc:
             return f"endpoint {spec.api_base} is not reachable ({exc.__class__.__name__})"
     return None
+
+
+def split_by_availability(specs: list[ModelSpec]) -> tuple[list[ModelSpec], dict[str, str]]:
+    """The models that can be called now, and for each other one the reason it cannot."""
+    ready, skipped = [], {}
+    for spec in specs:
+        reason = availability(spec)
+        if reason is None:
+            ready.append(spec)
+        else:
+            skipped[spec.name] = reason
+    return ready, skipped

@@ -53,6 +53,7 @@ from model_eval.errors import InputError, ModelEvalError
 
 logger = logging.getLogger(__name__)
 
+# The rollout stages, in order; the one place their names are defined (promotion and the snapshot use them).
 STAGES = ("shadow", "partial", "full")
 ROLES = ("primary", "shadow")
 

@@ -13,7 +13,6 @@ rows are never appended twice and a failure publishes nothing.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import shutil
@@ -24,6 +23,8 @@ from typing import Iterator
 
 import duckdb
 import polars as pl
+
+from model_eval.file_lock import exclusive_lock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -93,6 +94,22 @@ CREATE TABLE IF NOT EXISTS promotion_gates (
 );
 """
 
+# Calls applications made through the router, loaded from its append-only logs (production_log.py).
+CREATE_PRODUCTION_TABLES = """
+CREATE TABLE IF NOT EXISTS production_calls (
+    call_id VARCHAR PRIMARY KEY, ts TIMESTAMP, task VARCHAR, request_key_hash VARCHAR, model VARCHAR,
+    role VARCHAR, stage VARCHAR, bucket DOUBLE, latency_ms DOUBLE, input_tokens BIGINT,
+    output_tokens BIGINT, success BOOLEAN, error VARCHAR, rating DOUBLE, source_file VARCHAR,
+    rated_at TIMESTAMP, extra_json VARCHAR
+);
+CREATE TABLE IF NOT EXISTS production_log_offsets (file VARCHAR PRIMARY KEY, "offset" BIGINT);
+CREATE TABLE IF NOT EXISTS production_pending_ratings (
+    call_id VARCHAR PRIMARY KEY, rating DOUBLE, rated_at TIMESTAMP, source_file VARCHAR
+);
+"""
+
+ALL_DDL = (SCHEMA, CREATE_PROMOTION_TABLES, CREATE_PRODUCTION_TABLES)
+
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 
 
@@ -103,26 +120,6 @@ def _is_lock_error(exc: Exception) -> bool:
 def working_file(public: Path) -> Path:
     """The private file writers change; `public` is only ever replaced whole by a finished copy of it."""
     return public.parent / ".writer" / public.name
-
-
-@contextmanager
-def _exclusive(lock_path: Path, timeout_s: float) -> Iterator[None]:
-    """One writer at a time across processes (parallel Dagster steps, the CLI, a person's --write)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{lock_path}: another process has been writing the warehouse for {timeout_s:.0f} s")
-                time.sleep(0.02 + random.uniform(0, 0.03))
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _publish(working: Path, public: Path) -> None:
@@ -144,13 +141,15 @@ def write_connection(path: Path, lock_timeout_s: float = 300.0) -> Iterator[duck
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     working = working_file(path)
-    with _exclusive(working.parent / "write.lock", lock_timeout_s):
+    # One writer at a time across processes (parallel Dagster steps, the CLI, a person's --write).
+    lock_path = working.parent / "write.lock"
+    with exclusive_lock(lock_path, lock_timeout_s, lambda: TimeoutError(
+            f"{lock_path}: another process has been writing the warehouse for {lock_timeout_s:.0f} s")):
         if not working.exists() and path.exists():
             shutil.copyfile(path, working)  # a warehouse from before writers had a private copy
         conn = duckdb.connect(str(working))
         try:
-            conn.execute(SCHEMA)
-            conn.execute(CREATE_PROMOTION_TABLES)
+            create_tables(conn)
             yield conn
             conn.execute("CHECKPOINT")  # everything into the main file before it is copied
         finally:
@@ -179,20 +178,33 @@ def read_connection(path: Path, lock_timeout_s: float = 60.0) -> Iterator[duckdb
         conn.close()
 
 
+def create_tables(conn: duckdb.DuckDBPyConnection) -> None:
+    """Every table of the warehouse (idempotent); the one place their columns are declared."""
+    for ddl in ALL_DDL:
+        conn.execute(ddl)
+
+
+@contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN ... COMMIT, or ROLLBACK and re-raise: a step's writes land together or not at all."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def replace_slice(conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame, where: dict[str, object]) -> int:
     """Delete the rows matching `where` and insert `frame`, in one transaction. Returns rows inserted."""
     predicate = " AND ".join(f"{column} = ?" for column in where) or "TRUE"
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(conn):
         conn.execute(f"DELETE FROM {table} WHERE {predicate}", list(where.values()))
         if frame.height:
             conn.register("incoming_rows", frame.to_arrow())
             conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
             conn.unregister("incoming_rows")
-        conn.execute("COMMIT")
-    except Exception:
-        conn.execute("ROLLBACK")
-        raise
     return frame.height
 
 

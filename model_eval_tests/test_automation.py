@@ -13,22 +13,22 @@ import pytest
 import yaml
 
 from model_eval import warehouse
-from model_eval.defs.automation import (
-    BATCH_TAG,
+from model_eval.defs.automation.requests import BATCH_TAG
+from model_eval.defs.automation.sensors import (
     alert_on_run_failure,
     evaluation_complete,
     golden_version_sensor,
     new_model_sensor,
-    weekly_evaluation,
 )
 from model_eval.defs.resources import EVAL_RUN_TAG, ModelEvalResource
-from model_eval.definitions import defs
+from model_eval.definitions import defs as build_definitions
 from model_eval.settings import ProjectPaths
 from model_eval_tests.conftest import copy_golden, use_project_files
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, ok
 from model_eval_tests.local_receivers import WebhookReceiver
 
 RESOURCES = {"model_eval": ModelEvalResource()}
+DEFINITIONS = build_definitions()
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def env(tmp_path, monkeypatch):
 
 
 def tick(sensor, env, cursor=None):
-    context = dg.build_sensor_context(instance=env["instance"], cursor=cursor, resources=RESOURCES, definitions=defs)
+    context = dg.build_sensor_context(instance=env["instance"], cursor=cursor, resources=RESOURCES, definitions=DEFINITIONS)
     result = sensor(context)
     if isinstance(result, dg.SensorResult):
         for request in result.dynamic_partitions_requests or []:
@@ -65,7 +65,7 @@ def tick(sensor, env, cursor=None):
 
 
 def execute(env, request: dg.RunRequest, job_name: str = "refresh_model"):
-    job = defs.resolve_job_def(job_name)
+    job = DEFINITIONS.resolve_job_def(job_name)
     result = job.execute_in_process(instance=env["instance"], partition_key=request.partition_key, tags=request.tags,
                                     run_config=request.run_config or {}, raise_on_error=False)
     return result
@@ -120,7 +120,7 @@ def test_finished_batch_triggers_recommendation_and_promotion_once(env):
     add_model(env, "second")
     schedule_context = dg.build_schedule_context(instance=env["instance"], resources=RESOURCES,
                                                  scheduled_execution_time=datetime(2026, 11, 29, 1, 0))
-    requests = list(weekly_evaluation(schedule_context))
+    requests = list(DEFINITIONS.resolve_schedule_def("weekly_evaluation")(schedule_context))
     assert sorted(r.partition_key for r in requests) == ["first", "second"]
     assert {r.tags[EVAL_RUN_TAG] for r in requests} == {"weekly-20261129T0100"}
     assert all(r.run_config["ops"]["inference_results"]["config"]["max_cache_age_hours"] == 24.0 for r in requests)

@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-from model_eval import pipeline, warehouse
+from model_eval import warehouse
+from model_eval.project import Project
+from model_eval.steps.golden import ingest_golden
+from model_eval.steps.models import ensure_assignments, sync_registry
 from model_eval.cli import main
 from model_eval.router import Router
 
@@ -18,9 +21,9 @@ def cli_env(paths, monkeypatch, log):
     for key, value in {"MODEL_EVAL_GOLDEN_DIR": paths.golden_dir, "MODEL_EVAL_REGISTRY": paths.registry_file,
                        "MODEL_EVAL_WAREHOUSE": paths.warehouse_file}.items():
         monkeypatch.setenv(key, str(value))
-    pipeline.ingest_golden(paths, "setup", log)
-    pipeline.sync_registry(paths, "setup", log)
-    pipeline.ensure_assignments(paths, log)
+    ingest_golden(Project.load(paths), "setup", log)
+    sync_registry(Project.load(paths), "setup", log)
+    ensure_assignments(Project.load(paths), log)
     return paths
 
 
@@ -61,14 +64,12 @@ def test_pin_unpin_promote_rollback_are_recorded_with_who_and_why(cli_env, capsy
 
 
 def test_a_pinned_task_is_only_reported_by_the_pipeline(cli_env, log):
-    from model_eval.deployment import load_deployment
-    from model_eval.golden import load_tasks
     from model_eval.promotion import plan_promotions
 
     assert main(["assign", "pin", "grading", "gemma3-270m", "--reason", "keep it"]) == 0
-    deployment = load_deployment(cli_env.deployment_file, cli_env.base_dir)
+    project = Project.load(cli_env)
     with warehouse.read_connection(cli_env.warehouse_file) as conn:
-        decisions = plan_promotions(conn, load_tasks(cli_env.golden_dir, only=["grading"]), {"grading": "smollm2-135m"}, deployment)
+        decisions = plan_promotions(conn, project.select_tasks(["grading"]), {"grading": "smollm2-135m"}, project.deployment)
     assert decisions[0].action == "pinned" and "reported only" in decisions[0].reason
 
 

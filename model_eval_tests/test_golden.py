@@ -10,7 +10,8 @@ import pytest
 from model_eval import warehouse
 from model_eval.errors import GoldenSetError
 from model_eval.golden import load_tasks, read_cases
-from model_eval.pipeline import ingest_golden
+from model_eval.project import Project
+from model_eval.steps.golden import ingest_golden
 
 
 def _snapshot(path: Path) -> dict[str, list]:
@@ -38,9 +39,9 @@ def test_shipped_golden_sets_meet_the_brief(paths):
 
 
 def test_ingestion_records_version_and_hash_and_is_idempotent(paths, log):
-    first = ingest_golden(paths, "run-1", log)
+    first = ingest_golden(Project.load(paths), "run-1", log)
     assert first.new_cases == sum(first.versions["cases"])
-    again = ingest_golden(paths, "run-2", log)
+    again = ingest_golden(Project.load(paths), "run-2", log)
     assert again.new_cases == 0  # unchanged files add nothing
     with warehouse.read_connection(paths.warehouse_file) as conn:
         rows = conn.sql("SELECT task, dataset_version, count(*), count(DISTINCT content_hash) FROM golden_cases GROUP BY ALL").fetchall()
@@ -48,10 +49,10 @@ def test_ingestion_records_version_and_hash_and_is_idempotent(paths, log):
 
 
 def test_new_version_becomes_current_and_old_one_is_kept(paths, log):
-    ingest_golden(paths, "run-1", log)
+    ingest_golden(Project.load(paths), "run-1", log)
     cases_dir = paths.golden_dir / "classification" / "cases"
     (cases_dir / "v2.jsonl").write_text((cases_dir / "v1.jsonl").read_text())
-    ingest_golden(paths, "run-2", log)
+    ingest_golden(Project.load(paths), "run-2", log)
     with warehouse.read_connection(paths.warehouse_file) as conn:
         current = conn.sql("SELECT dataset_version FROM golden_versions WHERE task = 'classification' AND is_current").fetchall()
         versions = conn.sql("SELECT DISTINCT dataset_version FROM golden_cases WHERE task = 'classification' ORDER BY 1").fetchall()
@@ -73,11 +74,11 @@ BREAKAGES = [
 
 @pytest.mark.parametrize("task,breakage,words", BREAKAGES)
 def test_malformed_cases_file_names_file_line_field_and_leaves_warehouse_untouched(paths, log, task, breakage, words):
-    ingest_golden(paths, "run-1", log)
+    ingest_golden(Project.load(paths), "run-1", log)
     before = _snapshot(paths.warehouse_file)
     _rewrite_line(paths.golden_dir / task / "cases" / "v1.jsonl", 3, breakage)
     with pytest.raises(GoldenSetError) as caught:
-        ingest_golden(paths, "run-2", log)
+        ingest_golden(Project.load(paths), "run-2", log)
     for word in words:
         assert word in str(caught.value), str(caught.value)
     assert _snapshot(paths.warehouse_file) == before
@@ -88,7 +89,7 @@ def test_verdict_task_with_one_verdict_only_fails(paths, log):
     rows = [json.loads(line) for line in cases_file.read_text().splitlines()]
     cases_file.write_text("".join(json.dumps({**r, "expected": "PASS"}) + "\n" for r in rows))
     with pytest.raises(GoldenSetError, match="both PASS and FAIL"):
-        ingest_golden(paths, "run-1", log)
+        ingest_golden(Project.load(paths), "run-1", log)
     assert not paths.warehouse_file.exists()  # nothing was written, not even an empty file
 
 
@@ -96,7 +97,7 @@ def test_too_few_cases_fails(paths, log):
     cases_file = paths.golden_dir / "classification" / "cases" / "v1.jsonl"
     cases_file.write_text("".join(cases_file.read_text().splitlines(keepends=True)[:9]))
     with pytest.raises(GoldenSetError, match="has 9 cases; at least 10"):
-        ingest_golden(paths, "run-1", log)
+        ingest_golden(Project.load(paths), "run-1", log)
 
 
 @pytest.mark.parametrize("field,value,words", [
@@ -116,7 +117,7 @@ def test_bad_task_settings_name_the_field(paths, log, field, value, words):
     data[field] = value
     task_file.write_text(yaml.safe_dump(data))
     with pytest.raises(GoldenSetError) as caught:
-        ingest_golden(paths, "run-1", log)
+        ingest_golden(Project.load(paths), "run-1", log)
     message = str(caught.value)
     assert "grading/task.yaml" in message
     for word in words:

@@ -23,7 +23,7 @@ import litellm  # noqa: E402
 import polars as pl  # noqa: E402
 import pytest  # noqa: E402
 
-from model_eval.inference import CallRequest, RetryPolicy, build_requests, run_model  # noqa: E402
+from model_eval.inference import CallRequest, RetryPolicy, iter_requests, run_model  # noqa: E402
 from model_eval.registry import ModelSpec  # noqa: E402
 from model_eval.response_cache import ResponseCache, cache_key  # noqa: E402
 from model_eval_tests.fake_openai_server import (  # noqa: E402
@@ -357,14 +357,14 @@ def test_partial_cache_from_an_earlier_run_is_reused(server, cache):
     assert frame["from_cache"].sum() == 12 and stats.sent == 18
 
 
-def test_golden_sets_through_build_requests(server, cache):
+def test_golden_sets_through_the_request_generator(server, cache):
     from model_eval.golden import load_tasks, read_cases
 
     tasks = load_tasks(GOLDEN_DIR)
     cases = pl.concat([read_cases(t) for t in tasks])
     server.script = random_mix(seed=11, fractions={rate_limited(0.01): 0.1, server_error(500): 0.1})
     spec = make_spec(server, max_concurrency=16, max_attempts=5)
-    requests = build_requests(spec, tasks, cases)
+    requests = list(iter_requests(spec, tasks, cases.sort("task", "case_id").iter_rows(named=True)))
     assert len(requests) == sum(t.repeats * cases.filter(pl.col("task") == t.name).height for t in tasks)
 
     frame, _ = run(spec, requests, cache)

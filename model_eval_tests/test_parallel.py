@@ -21,10 +21,10 @@ MODELS = ["alpha", "beta"]
 
 RUN_ONE = """
 import sys, dagster as dg
-from model_eval.definitions import refresh_model_job
+from model_eval.definitions import refresh_model_job_for_reconstruction
 model, home = sys.argv[1], sys.argv[2]
 instance = dg.DagsterInstance.get()  # DAGSTER_HOME points at the test's instance folder
-result = dg.execute_job(dg.reconstructable(refresh_model_job), instance=instance,
+result = dg.execute_job(dg.reconstructable(refresh_model_job_for_reconstruction), instance=instance,
                         tags={"dagster/partition": model, "model_eval/eval_run_id": "parallel"})
 sys.exit(0 if result.success else 1)
 """

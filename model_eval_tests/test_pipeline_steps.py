@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from model_eval import pipeline, warehouse
+from model_eval import warehouse
+from model_eval.project import Project
+from model_eval.steps import evaluation as evaluation_step
+from model_eval.steps.evaluation import run_inference, score_model
+from model_eval.steps.golden import ingest_golden
+from model_eval.steps.models import sync_registry
+from model_eval.steps.recommendation import recommend_tasks, refresh_metrics
 from model_eval.inference import RetryPolicy
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, nonsense, ok, route, server_error
 
@@ -36,12 +42,12 @@ def fake_paths(paths, fake_server, monkeypatch):
 
 
 def _evaluate(paths, log, eval_run_id="run-1"):
-    pipeline.ingest_golden(paths, eval_run_id, log)
-    pipeline.sync_registry(paths, eval_run_id, log)
-    stats = pipeline.run_inference(paths, "hosted-fake", eval_run_id, log, retry=FAST_RETRY)
-    pipeline.score_model(paths, "hosted-fake", eval_run_id, log)
-    pipeline.refresh_metrics(paths, log)
-    pipeline.recommend_all(paths, eval_run_id, log)
+    ingest_golden(Project.load(paths), eval_run_id, log)
+    sync_registry(Project.load(paths), eval_run_id, log)
+    stats = run_inference(Project.load(paths), "hosted-fake", eval_run_id, log, retry=FAST_RETRY)
+    score_model(Project.load(paths), "hosted-fake", eval_run_id, log)
+    refresh_metrics(Project.load(paths), log)
+    recommend_tasks(Project.load(paths), eval_run_id, log)
     return stats
 
 
@@ -73,9 +79,9 @@ def test_a_failed_write_leaves_the_previous_partition_intact(fake_paths, fake_se
     def broken(*_args, **_kwargs):
         raise RuntimeError("disk full while recording the eval run")
 
-    monkeypatch.setattr(pipeline, "_record_eval_run", broken)
+    monkeypatch.setattr(evaluation_step, "_record_eval_run", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        pipeline.run_inference(fake_paths, "hosted-fake", "run-1", log, retry=FAST_RETRY)
+        run_inference(Project.load(fake_paths), "hosted-fake", "run-1", log, retry=FAST_RETRY)
     assert _count(fake_paths, "SELECT count(*) FILTER (WHERE response_text = 'PASS') FROM inference_results") == before
     assert _count(fake_paths, "SELECT count(*) FILTER (WHERE response_text = 'FAIL') FROM inference_results") == 0
 
@@ -112,13 +118,13 @@ def test_the_key_never_reaches_the_warehouse_or_logs(fake_paths, fake_server, lo
 def test_an_open_reader_never_blocks_a_write_and_sees_a_consistent_snapshot(fake_paths, log):
     import duckdb
 
-    pipeline.ingest_golden(fake_paths, "run-1", log)
+    ingest_golden(Project.load(fake_paths), "run-1", log)
     reader = duckdb.connect(str(fake_paths.warehouse_file), read_only=True)   # e.g. a person's duckdb CLI, left open
     try:
         before = reader.sql("SELECT count(*) FROM golden_cases").fetchall()[0][0]
         cases_dir = fake_paths.golden_dir / "classification" / "cases"
         (cases_dir / "v2.jsonl").write_text((cases_dir / "v1.jsonl").read_text())
-        pipeline.ingest_golden(fake_paths, "run-2", log)                      # does not wait for the reader
+        ingest_golden(Project.load(fake_paths), "run-2", log)                      # does not wait for the reader
         assert reader.sql("SELECT count(*) FROM golden_cases").fetchall()[0][0] == before  # its snapshot is stable
     finally:
         reader.close()

@@ -8,10 +8,8 @@ import polars as pl
 import pytest
 
 from model_eval.policies import (
-    Recommendation,
     get_policy,
     recommend,
-    recommend_all,
     registered_policies,
 )
 from model_eval.stats import prob_a_beats_b, prob_at_least
@@ -92,12 +90,6 @@ def test_missing_column_and_duplicate_model_are_rejected():
 def test_invalid_threshold_is_rejected(threshold):
     with pytest.raises(ValueError, match="threshold"):
         recommend(frame(cand("a")), "quality", threshold)
-
-
-def test_recommend_all_gives_one_per_policy_in_name_order():
-    results = recommend_all(frame(cand("a"), cand("b", 0.85)), 0.8)
-    assert [r.policy for r in results] == ALL_POLICIES
-    assert all(isinstance(r, Recommendation) for r in results)
 
 
 # --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from model_eval import warehouse
 from model_eval.definitions import defs
 from model_eval.defs.resources import EVAL_RUN_TAG, WAREHOUSE_POOL
 from model_eval.orchestration import run_evaluation
-from model_eval.registry import load_registry
+from model_eval.project import Project
 from model_eval.settings import PROJECT_ROOT, ProjectPaths
 from model_eval_tests.conftest import copy_golden, use_project_files
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, ok
@@ -113,9 +113,9 @@ def evaluated(postgres, tmp_path_factory):
                 # the models again rather than reuse the first one's cached answers.
                 mp.setenv("MODEL_EVAL_WAREHOUSE", str(root / name / "warehouse" / "model_eval.duckdb"))
                 paths = ProjectPaths.from_env()
-                registry = load_registry(paths.registry_file)
+                project = Project.load(paths)
                 calls_before = server.total
-                outcome = run_evaluation(defs, instance, paths, registry, list(registry.models), TASKS,
+                outcome = run_evaluation(defs(), instance, project, list(project.registry.models), TASKS,
                                          trigger="test", say=lambda _: None)
                 results[name] = {"outcome": outcome, "paths": paths, "instance": instance,
                                  "model_calls": server.total - calls_before}

@@ -17,13 +17,15 @@ import yaml
 from model_eval import warehouse
 from model_eval.definitions import defs
 from model_eval.orchestration import run_evaluation
+from model_eval.project import Project
 from model_eval.promotion import current_assignments
-from model_eval.registry import load_registry
 from model_eval.router import Router
 from model_eval.settings import ProjectPaths
 from model_eval_tests.conftest import copy_golden, use_project_files
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, ok, server_error
 from model_eval_tests.local_receivers import SmtpReceiver, WebhookReceiver
+
+DEFINITIONS = defs()
 
 
 def oracle_script(golden_dir):
@@ -77,9 +79,8 @@ def setup(tmp_path, monkeypatch):
 
 
 def evaluate(setup, fresh=False):
-    paths = setup["paths"]
-    registry = load_registry(paths.registry_file)
-    return run_evaluation(defs, setup["instance"], paths, registry, list(registry.models), ["grading"], say=lambda _: None,
+    project = Project.load(setup["paths"])
+    return run_evaluation(DEFINITIONS, setup["instance"], project, list(project.registry.models), ["grading"], say=lambda _: None,
                           max_cache_age_hours=0.0 if fresh else None)
 
 
@@ -109,7 +110,7 @@ def test_failing_gate_blocks_promotion_in_the_run_and_across_runs(setup):
     assert outcome.error is None and "gate_costs_known" in outcome.blocked and "grading" in outcome.blocked
     assert gates == []  # model_assignments never ran, so it recorded nothing
     # Run promotion on its own later: the gate still blocks (it is evaluated again, not remembered from the check).
-    defs.resolve_job_def("recommend").execute_in_process(
+    DEFINITIONS.resolve_job_def("recommend").execute_in_process(
         instance=setup["instance"], asset_selection=[dg.AssetKey("model_assignments")], raise_on_error=False)
     assert state(setup).model == "always-pass"
     with warehouse.read_connection(setup["paths"].warehouse_file) as conn:

@@ -8,7 +8,8 @@ import pytest
 
 from model_eval import warehouse
 from model_eval.errors import RegistryError
-from model_eval.pipeline import sync_registry
+from model_eval.project import Project
+from model_eval.steps.models import sync_registry
 from model_eval.registry import availability, load_registry
 
 
@@ -31,7 +32,7 @@ def test_shipped_registry_has_two_different_local_models_and_hosted_examples(pat
 def test_hosted_models_without_keys_are_skipped_with_a_reason(paths, log, monkeypatch):
     for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
-    synced = sync_registry(paths, "run-1", log)
+    synced = sync_registry(Project.load(paths), "run-1", log)
     assert synced.skipped["gpt-4o-mini"] == "environment variable OPENAI_API_KEY is not set"
     assert "not reachable" in synced.skipped["ollama-llama3.2"]
     assert "model gpt-4o-mini: skipped, environment variable OPENAI_API_KEY is not set" in log.text()
@@ -46,7 +47,7 @@ def test_a_key_in_the_environment_is_used_but_never_stored(paths, log, monkeypat
     registry = load_registry(paths.registry_file)
     assert registry.get("gpt-4o-mini").api_key() == canary
     assert availability(registry.get("gpt-4o-mini")) is None
-    sync_registry(paths, "run-1", log)
+    sync_registry(Project.load(paths), "run-1", log)
     assert canary.encode() not in paths.warehouse_file.read_bytes()
     with warehouse.read_connection(paths.warehouse_file) as conn:
         dump = repr(conn.sql("SELECT * FROM models").fetchall())

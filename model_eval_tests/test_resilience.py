@@ -14,7 +14,11 @@ import time
 import polars as pl
 import yaml
 
-from model_eval import pipeline, warehouse
+from model_eval import warehouse
+from model_eval.project import Project
+from model_eval.steps.evaluation import run_inference
+from model_eval.steps.golden import ingest_golden
+from model_eval.steps.models import sync_registry
 from model_eval.golden import load_tasks
 from model_eval.inference import CallRequest, RetryPolicy, run_model
 from model_eval.registry import ModelSpec
@@ -102,12 +106,13 @@ def test_concurrency_backs_off_on_a_burst_of_429s_and_recovers(tmp_path):
 WORKER = """
 import os, sys
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-from model_eval import pipeline
+from model_eval.project import Project
 from model_eval.settings import ProjectPaths
+from model_eval.steps.evaluation import run_inference
 from model_eval.inference import RetryPolicy
 import logging
 paths = ProjectPaths.from_env()
-pipeline.run_inference(paths, "fake", "crash-run", logging.getLogger("worker"), retry=RetryPolicy(0.01, 0.05, 0.05))
+run_inference(Project.load(paths), "fake", "crash-run", logging.getLogger("worker"), retry=RetryPolicy(0.01, 0.05, 0.05))
 """
 
 
@@ -121,8 +126,8 @@ def _setup_warehouse(paths, server, log):
     paths.registry_file.write_text(yaml.safe_dump({"models": [{
         "name": "fake", "model": "openai/fake", "api_base": server.api_base, "price_per_million": {"input": 1, "output": 1},
         "max_concurrency": 4, "timeout_s": 30}]}))
-    pipeline.ingest_golden(paths, "setup", log)
-    pipeline.sync_registry(paths, "setup", log)
+    ingest_golden(Project.load(paths), "setup", log)
+    sync_registry(Project.load(paths), "setup", log)
 
 
 def _env(paths):
@@ -187,11 +192,11 @@ def test_a_reader_querying_in_a_loop_during_writes_sees_no_error_and_no_half_par
     with FakeOpenAIServer(_answer) as server:
         _setup_warehouse(paths, server, log)
         paths.registry_file.write_text(paths.registry_file.read_text().replace("max_concurrency: 4", "max_concurrency: 16"))
-        pipeline.run_inference(paths, "fake", "write-0", log, retry=FAST_RETRY)
+        run_inference(Project.load(paths), "fake", "write-0", log, retry=FAST_RETRY)
         reader = subprocess.Popen([sys.executable, "-c", READER, str(paths.warehouse_file), "8"], stdout=subprocess.PIPE, text=True)
         for i in range(1, 4):
-            pipeline.run_inference(paths, "fake", f"write-{i}", log, retry=FAST_RETRY)   # cached: fast, many writes
-            pipeline.run_inference(paths, "fake", "write-0", log, retry=FAST_RETRY)      # replace a slice readers watch
+            run_inference(Project.load(paths), "fake", f"write-{i}", log, retry=FAST_RETRY)   # cached: fast, many writes
+            run_inference(Project.load(paths), "fake", "write-0", log, retry=FAST_RETRY)      # replace a slice readers watch
         out, _ = reader.communicate(timeout=60)
     report = json.loads(out)
     assert report["errors"] == []

@@ -84,7 +84,7 @@ def test_new_scorer_registers_and_is_protected_from_raising(monkeypatch):
         def _score(self, text, expected, settings):
             raise RuntimeError("boom")
 
-        def validate_expected(self, expected, settings):
+        def _validate_expected(self, expected, settings):
             return None
 
     assert "exploding_for_test" in registered_scorers()

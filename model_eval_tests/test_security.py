@@ -7,10 +7,11 @@ import socket
 import pytest
 import yaml
 
-from model_eval.definitions import defs
+from model_eval.definitions import defs as build_definitions
 from model_eval.deployment import load_deployment
 from model_eval.errors import InputError
 from model_eval.orchestration import run_evaluation
+from model_eval.project import Project
 from model_eval.registry import load_registry
 from model_eval.settings import ProjectPaths
 from model_eval_tests.conftest import copy_golden, use_project_files
@@ -78,8 +79,8 @@ def test_a_canary_key_never_reaches_warehouse_logs_run_metadata_or_reports(tmp_p
         monkeypatch.setenv("CANARY_HOOK", hook.url("/hook"))
         instance = use_project_files(monkeypatch, tmp_path, golden, tmp_path / "models.yaml", tmp_path / "deployment.yaml")
         paths = ProjectPaths.from_env()
-        registry = load_registry(paths.registry_file)
-        outcome = run_evaluation(defs, instance, paths, registry, list(registry.models), ["grading"], say=print,
+        project = Project.load(paths)
+        outcome = run_evaluation(build_definitions(), instance, project, list(project.registry.models), ["grading"], say=print,
                                  log_level="DEBUG")
         assert outcome.succeeded == ["keyed-good", "keyed-bad"]
         hook_bodies = [r.body for r in hook.requests]

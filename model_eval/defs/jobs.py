@@ -1,15 +1,16 @@
+"""The jobs: `model-eval run` runs prepare once, evaluate_model per model partition, then recommend;
+the schedule and sensors launch refresh_model per model and recommend once the batch is done."""
+
 import dagster as dg
 
-# `model-eval run` (and later the schedule and sensor) run these three in order:
-# prepare once, evaluate each model partition, then recommend over everything evaluated.
 prepare_job = dg.define_asset_job(
     "prepare", selection=["golden_cases", "model_registry"],
     description="Ingest and validate golden sets; sync the model registry (adds model partitions).")
 evaluate_model_job = dg.define_asset_job(
     "evaluate_model", selection=["inference_results", "scores"],
     description="Run and score one model (partition) on every task it serves.")
-# What the schedule and sensors launch: each run is self-contained (ingest, sync, run, score), so
-# several can be requested at once without ordering between them; ingestion is idempotent.
+# Each run is self-contained (ingest, sync, run, score), so several can be requested at once without
+# ordering between them; ingestion is idempotent.
 refresh_model_job = dg.define_asset_job(
     "refresh_model", selection=["golden_cases", "model_registry", "inference_results", "scores"],
     description="Ingest golden sets, sync the registry, then run and score one model (partition).")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from model_eval.project import Project
 from model_eval.settings import ProjectPaths
 
 EVAL_RUN_TAG = "model_eval/eval_run_id"
@@ -30,6 +31,15 @@ class ModelEvalResource(dg.ConfigurableResource):
             cache_file=Path(self.cache_file) if self.cache_file else defaults.cache_file,
             deployment_file=defaults.deployment_file,
         )
+
+    def project(self) -> Project:
+        """Load the project's files once for the step that asks; a bad file fails that step, naming it."""
+        return Project.load(self.paths())
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources={"model_eval": ModelEvalResource()})
 
 
 def eval_run_id(context: dg.AssetExecutionContext) -> str:

@@ -157,9 +157,16 @@ class Scorer(ABC):
         """Scorer-specific checks; keys are already known to be allowed."""
         return None
 
-    @abstractmethod
     def validate_expected(self, expected: Any, settings: Mapping[str, Any] | None) -> str | None:
         """Error message if a golden case's expected value is unusable, else None."""
+        settings_problem = self.validate_settings(settings)
+        if settings_problem:
+            return f"cannot check expected because the settings are invalid: {settings_problem}"
+        return self._validate_expected(expected, as_settings(settings))
+
+    @abstractmethod
+    def _validate_expected(self, expected: Any, settings: Mapping[str, Any]) -> str | None:
+        """Scorer-specific checks of an expected value; the settings are already known to be valid."""
 
 
 _ScorerT = TypeVar("_ScorerT", bound=type[Scorer])

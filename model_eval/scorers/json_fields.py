@@ -278,10 +278,7 @@ class JsonFieldsScorer(Scorer):
                     return f"setting '{where}.tolerance' must be a non-negative number, got {tolerance!r}"
         return None
 
-    def validate_expected(self, expected: Any, settings: Mapping[str, Any] | None) -> str | None:
-        settings_problem = self.validate_settings(settings)
-        if settings_problem:
-            return f"cannot check expected because the settings are invalid: {settings_problem}"
+    def _validate_expected(self, expected: Any, settings: Mapping[str, Any]) -> str | None:
         if not isinstance(expected, Mapping):
             return f"expected must be a JSON object, got {type(expected).__name__}"
         for path, spec in as_settings(settings)["fields"].items():

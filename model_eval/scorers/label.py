@@ -130,10 +130,7 @@ class LabelScorer(Scorer):
             seen[key] = label
         return None
 
-    def validate_expected(self, expected: Any, settings: Mapping[str, Any] | None) -> str | None:
-        settings_problem = self.validate_settings(settings)
-        if settings_problem:
-            return f"cannot check expected because the settings are invalid: {settings_problem}"
+    def _validate_expected(self, expected: Any, settings: Mapping[str, Any]) -> str | None:
         labels = as_settings(settings)["labels"]
         if not isinstance(expected, str) or expected not in labels:
             return f"expected must be one of the labels ({', '.join(labels)}), got {expected!r}"

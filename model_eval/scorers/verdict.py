@@ -126,7 +126,7 @@ class VerdictScorer(Scorer):
             return Score(1.0, True, verdict, f"parsed {verdict} ({how}), expected {expected}")
         return Score(0.0, False, verdict, f"parsed {verdict} ({how}), expected {expected}")
 
-    def validate_expected(self, expected: Any, settings: Mapping[str, Any] | None) -> str | None:
+    def _validate_expected(self, expected: Any, settings: Mapping[str, Any]) -> str | None:
         if expected not in VERDICTS:
             return f"expected must be \"PASS\" or \"FAIL\", got {expected!r}"
         return None

@@ -1,10 +1,10 @@
 import dagster as dg
+import polars as pl
 
 from model_eval.defs.partitions import MODELS
-from model_eval.defs.resources import ModelEvalResource, eval_run_id, trigger
-from model_eval.pipeline import run_inference
-from model_eval.registry import load_registry
+from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id, trigger
 from model_eval.serving import local_models_served
+from model_eval.steps.evaluation import run_inference, score_model
 
 
 class InferenceConfig(dg.Config):
@@ -22,15 +22,14 @@ class InferenceConfig(dg.Config):
     description="Every (case x repeat) answered by one model through litellm; cached, retried, replaced atomically.",
 )
 def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    paths = model_eval.paths()
-    registry = load_registry(paths.registry_file, paths.discovered_registry_file)
-    spec = registry.get(context.partition_key)
+    project = model_eval.project()
+    spec = project.registry.get(context.partition_key)
 
     def progress(stats):
         context.log.info(f"{spec.name}: {stats.done}/{stats.total} calls ({stats.cached} cached, {stats.retries} retries, {stats.errors} failed)")
 
-    with local_models_served(registry, [spec], paths.warehouse_file.parent / "run"):
-        stats = run_inference(paths, spec.name, eval_run_id(context), context.log, task_names=config.tasks or None,
+    with local_models_served(project.registry, [spec], project.paths.warehouse_file.parent / "run"):
+        stats = run_inference(project, spec.name, eval_run_id(context), context.log, task_names=config.tasks or None,
                               trigger=trigger(context), dagster_run_id=context.run.run_id, on_progress=progress,
                               cache_max_age_s=None if config.max_cache_age_hours is None else config.max_cache_age_hours * 3600)
     return dg.MaterializeResult(metadata={
@@ -43,4 +42,16 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
         "error_classes": dg.MetadataValue.json(stats.error_classes),
         "wall_seconds": round(stats.wall_s, 2),
         "dagster/row_count": stats.total,
+    })
+
+
+@dg.asset(group_name="evaluation", partitions_def=MODELS, deps=["inference_results"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
+          description="Each result scored by its task's registered scorer.")
+def scores(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
+    frame = score_model(model_eval.project(), context.partition_key, eval_run_id(context), context.log)
+    per_task = frame.group_by("task").agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("calls")).sort("task")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": frame.height,
+        "accuracy_by_task": dg.MetadataValue.json({r["task"]: round(r["accuracy"], 4) for r in per_task.iter_rows(named=True)}),
+        "unparseable": int(frame.filter(~pl.col("call_failed") & pl.col("parsed").is_null()).height),
     })

@@ -1,28 +1,16 @@
 import dagster as dg
 import polars as pl
 
-from model_eval.defs.partitions import MODELS
 from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
-from model_eval.pipeline import leaderboard, recommend_all, refresh_metrics, score_model
+from model_eval.metrics import leaderboard
+from model_eval.steps.recommendation import recommend_tasks, refresh_metrics
 from model_eval.warehouse import read_connection
-
-
-@dg.asset(group_name="evaluation", partitions_def=MODELS, deps=["inference_results"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
-          description="Each result scored by its task's registered scorer.")
-def scores(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    frame = score_model(model_eval.paths(), context.partition_key, eval_run_id(context), context.log)
-    per_task = frame.group_by("task").agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("calls")).sort("task")
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": frame.height,
-        "accuracy_by_task": dg.MetadataValue.json({r["task"]: round(r["accuracy"], 4) for r in per_task.iter_rows(named=True)}),
-        "unparseable": int(frame.filter(~pl.col("call_failed") & pl.col("parsed").is_null()).height),
-    })
 
 
 @dg.asset(group_name="recommendation", deps=["scores"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
           description="Per (eval run, model, task): accuracy with 95% CI, correctness, consistency, latency percentiles, tokens, cost.")
 def model_task_metrics(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    metrics = refresh_metrics(model_eval.paths(), context.log)
+    metrics = refresh_metrics(model_eval.project(), context.log)
     return dg.MaterializeResult(metadata={"dagster/row_count": metrics.height,
                                           "eval_runs": metrics["eval_run_id"].n_unique() if metrics.height else 0})
 
@@ -47,11 +35,11 @@ def leaderboard_markdown(board: pl.DataFrame, champions: dict[str, tuple[str | N
 @dg.asset(group_name="recommendation", deps=["model_task_metrics"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
           description="A champion and runner-up per task under every policy, with reasoning and confidence.")
 def recommendations(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    paths = model_eval.paths()
-    frame = recommend_all(paths, eval_run_id(context), context.log)
+    project = model_eval.project()
+    frame = recommend_tasks(project, eval_run_id(context), context.log)
     chosen = frame.filter(pl.col("is_task_policy"))
     champions = {r["task"]: (r["champion"], r["runner_up"], r["policy"]) for r in chosen.iter_rows(named=True)}
-    with read_connection(paths.warehouse_file) as conn:
+    with read_connection(project.paths.warehouse_file) as conn:
         board = leaderboard(conn)
     for r in chosen.iter_rows(named=True):
         context.log.info(f"{r['task']}: {r['reasoning']}")

@@ -8,11 +8,8 @@ import dagster as dg
 
 from model_eval.alerts import Alert, send_alert
 from model_eval.defs.resources import ModelEvalResource
-from model_eval.deployment import load_deployment
 from model_eval.gates import GATE_NAMES, evaluate_gates
-from model_eval.golden import load_tasks
-from model_eval.pipeline import newest_champions
-from model_eval.promotion import effective_assignments, gated_pair
+from model_eval.promotion import effective_assignments, gated_pair, newest_champions
 from model_eval.warehouse import read_connection
 
 GATE_DESCRIPTIONS = {
@@ -26,11 +23,10 @@ GATE_DESCRIPTIONS = {
 def _gate_check(gate: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset="recommendations", name=f"gate_{gate}", blocking=True, description=GATE_DESCRIPTIONS[gate])
     def check(model_eval: ModelEvalResource) -> dg.AssetCheckResult:
-        paths = model_eval.paths()
-        deployment = load_deployment(paths.deployment_file, paths.base_dir)
-        tasks = load_tasks(paths.golden_dir)
+        project = model_eval.project()
+        deployment, tasks = project.deployment, list(project.tasks)
         rows, failed = [], []
-        with read_connection(paths.warehouse_file) as conn:
+        with read_connection(project.paths.warehouse_file) as conn:
             states = effective_assignments(conn, deployment)
             champions = newest_champions(conn, tasks)
             for task in tasks:
@@ -57,4 +53,6 @@ def _gate_check(gate: str) -> dg.AssetChecksDefinition:
     return check
 
 
-gate_checks = [_gate_check(gate) for gate in GATE_NAMES]
+@dg.definitions
+def gate_checks() -> dg.Definitions:
+    return dg.Definitions(asset_checks=[_gate_check(gate) for gate in GATE_NAMES])

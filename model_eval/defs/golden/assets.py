@@ -2,13 +2,13 @@ import dagster as dg
 import polars as pl
 
 from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
-from model_eval.pipeline import ingest_golden
+from model_eval.steps.golden import ingest_golden
 
 
 @dg.asset(group_name="golden", pool=WAREHOUSE_POOL, kinds={"duckdb", "great_expectations"},
           description="Every task's versioned golden cases, validated with Great Expectations.")
 def golden_cases(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    result = ingest_golden(model_eval.paths(), eval_run_id(context), context.log)
+    result = ingest_golden(model_eval.project(), eval_run_id(context), context.log)
     current = result.versions.filter(pl.col("is_current"))
     return dg.MaterializeResult(metadata={
         "tasks": len(result.tasks),

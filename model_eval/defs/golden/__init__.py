@@ -1,0 +1,1 @@
+"""Asset group `golden`: the versioned golden sets."""

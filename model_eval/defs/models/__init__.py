@@ -1,0 +1,1 @@
+"""Asset group `models`: the model registry."""

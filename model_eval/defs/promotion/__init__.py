@@ -1,0 +1,1 @@
+"""Asset group `promotion`: production calls and each task's assigned model."""

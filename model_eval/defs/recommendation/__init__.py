@@ -1,0 +1,1 @@
+"""Asset group `recommendation`: metrics, champions, and the promotion gates checked on them."""

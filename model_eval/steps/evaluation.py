@@ -1,0 +1,116 @@
+"""Steps `inference_results` and `scores`: every (case x repeat) answered by one model, then scored."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+
+import polars as pl
+
+from model_eval import warehouse
+from model_eval.errors import GoldenSetError
+from model_eval.inference import ProgressFn, RetryPolicy, RunStats, iter_requests, run_model
+from model_eval.project import Project
+from model_eval.response_cache import ResponseCache
+from model_eval.scoring import score_results
+from model_eval.steps._common import Log, utc_now
+
+CURRENT_CASE_COUNTS = """
+SELECT c.task, count(*) FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
+WHERE v.is_current GROUP BY c.task"""
+
+# No ORDER BY: sorting would hold every case in memory before the first batch comes out.
+CURRENT_CASES_FOR_INFERENCE = """
+SELECT c.task, c.dataset_version, c.case_id, c.inputs_json
+FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
+WHERE v.is_current AND list_contains($tasks::VARCHAR[], c.task)"""
+
+CURRENT_EXPECTED_ANSWERS = """
+SELECT DISTINCT c.task, c.dataset_version, c.case_id, c.expected_json
+FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash) WHERE v.is_current"""
+
+
+def run_inference(
+    project: Project,
+    model_name: str,
+    eval_run_id: str,
+    log: Log,
+    *,
+    task_names: list[str] | None = None,
+    trigger: str = "manual",
+    dagster_run_id: str | None = None,
+    on_progress: ProgressFn | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    completion=None,
+    cache_max_age_s: float | None = None,
+) -> RunStats:
+    """Every (case x repeat) of every task the model serves; replaces this (eval run, model) slice."""
+    paths = project.paths
+    spec = project.registry.get(model_name)
+    tasks = [t for t in project.select_tasks(task_names) if spec.serves(t.name, t.tier)]
+    staging = paths.warehouse_file.parent / "staging" / f"{eval_run_id}--{spec.name}"
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed attempt: their answers are in the cache
+    staging.mkdir(parents=True)
+    parts = itertools.count()
+
+    def write_batch(batch: pl.DataFrame) -> None:
+        # Result rows go to Parquet as they come, so memory does not grow with the suite.
+        batch.write_parquet(staging / f"part-{next(parts):05d}.parquet")
+
+    # Holding a read connection is safe: writers publish by rename and never wait for readers.
+    with warehouse.read_connection(paths.warehouse_file) as conn:
+        counts = dict(conn.sql(CURRENT_CASE_COUNTS).fetchall())
+        missing = sorted(t.name for t in tasks if not counts.get(t.name))
+        if missing:
+            raise GoldenSetError(paths.golden_dir, f"task(s) {', '.join(missing)} have no ingested cases; materialize golden_cases first")
+        total = sum(counts[t.name] * t.repeats for t in tasks)
+        log.info(f"model {spec.name}: {total} calls over {len(tasks)} task(s)")
+        reader = conn.sql(CURRENT_CASES_FOR_INFERENCE, params={"tasks": [t.name for t in tasks]}).to_arrow_reader(2000)
+        cases = (row for batch in reader for row in batch.to_pylist())
+        kwargs = {"completion": completion} if completion is not None else {}
+        with ResponseCache(paths.cache_file) as cache:
+            _, stats = asyncio.run(run_model(spec, iter_requests(spec, tasks, cases), cache, retry=retry, on_progress=on_progress,
+                                             cache_max_age_s=cache_max_age_s, sink=write_batch, total=total, **kwargs))
+    if stats.unknown_cost:
+        log.warning(f"model {spec.name}: {stats.unknown_cost} call(s) have no known price; their cost is NULL")
+    with warehouse.write_connection(paths.warehouse_file) as conn, warehouse.transaction(conn):
+        conn.execute("DELETE FROM inference_results WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
+        part_files = sorted(str(p) for p in staging.glob("part-*.parquet"))
+        if part_files:
+            # The file list is a parameter: a path with quotes or glob characters stays a path.
+            conn.execute("""INSERT INTO inference_results BY NAME
+                            SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id FROM read_parquet(?)""",
+                         [eval_run_id, dagster_run_id, part_files])
+        _record_eval_run(conn, eval_run_id, trigger)
+    shutil.rmtree(staging, ignore_errors=True)
+    return stats
+
+
+def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:
+    """Upsert the eval run's summary from the results it has so far (several partitions add to one run)."""
+    conn.execute("""
+        INSERT OR REPLACE INTO eval_runs
+        SELECT ?, ?, coalesce((SELECT started_at FROM eval_runs WHERE eval_run_id = ?), now()::TIMESTAMP), now()::TIMESTAMP,
+               list_sort(list(DISTINCT model)), list_sort(list(DISTINCT task)), count(*),
+               count(*) FILTER (WHERE from_cache), count(*) FILTER (WHERE error_class IS NOT NULL)
+        FROM inference_results WHERE eval_run_id = ?""", [eval_run_id, trigger, eval_run_id, eval_run_id])
+
+
+def score_model(project: Project, model_name: str, eval_run_id: str | None, log: Log) -> pl.DataFrame:
+    """Score the model's results of `eval_run_id` (or its newest eval run); replaces that slice of `scores`."""
+    tasks = {t.name: t for t in project.tasks}
+    with warehouse.read_connection(project.paths.warehouse_file) as conn:
+        has_run = eval_run_id and conn.execute(
+            "SELECT count(*) FROM inference_results WHERE eval_run_id = ? AND model = ?", [eval_run_id, model_name]).fetchall()[0][0]
+        run_id = eval_run_id if has_run else warehouse.latest_eval_run(conn, model_name)
+        if run_id is None:
+            raise ValueError(f"model {model_name}: no inference results to score; materialize inference_results first")
+        results = conn.sql("SELECT * FROM inference_results WHERE eval_run_id = $run AND model = $model",
+                           params={"run": run_id, "model": model_name}).pl()
+        cases = conn.sql(CURRENT_EXPECTED_ANSWERS).pl()
+    scores = score_results(results, cases, tasks).with_columns(pl.lit(utc_now()).alias("scored_at"))
+    with warehouse.write_connection(project.paths.warehouse_file) as conn:
+        warehouse.replace_slice(conn, "scores", scores, {"eval_run_id": run_id, "model": model_name})
+    log.info(f"model {model_name}: scored {scores.height} results of eval run {run_id}")
+    return scores

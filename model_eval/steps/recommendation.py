@@ -1,0 +1,57 @@
+"""Steps `model_task_metrics` and `recommendations`: figures per (eval run, model, task), then a
+champion and runner-up per task under every policy."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from model_eval import warehouse
+from model_eval.metrics import LATEST_METRICS_SQL, compute_metrics
+from model_eval.policies import recommend, registered_policies
+from model_eval.project import Project
+from model_eval.steps._common import Log, utc_now
+
+RECOMMENDATION_COLUMN_TYPES = {"champion": pl.String, "runner_up": pl.String, "champion_score": pl.Float64,
+                               "runner_up_score": pl.Float64, "confidence": pl.Float64,
+                               "qualified": pl.List(pl.String), "candidates": pl.List(pl.String),
+                               "source_eval_runs": pl.List(pl.String)}
+
+
+def refresh_metrics(project: Project, log: Log) -> pl.DataFrame:
+    """Recompute every (eval run, model, task) row from `scores` and swap the table in one transaction."""
+    with warehouse.write_connection(project.paths.warehouse_file) as conn:
+        metrics = compute_metrics(conn)
+        warehouse.replace_slice(conn, "model_task_metrics", metrics, {})
+    log.info(f"metrics: {metrics.height} (eval run, model, task) rows")
+    return metrics
+
+
+def recommend_tasks(project: Project, eval_run_id: str, log: Log, model_names: list[str] | None = None) -> pl.DataFrame:
+    """Champion and runner-up per task and policy, from each enabled model's newest metrics on the current version."""
+    eligible = set(model_names) if model_names else {m.name for m in project.registry.models if m.enabled}
+    with warehouse.read_connection(project.paths.warehouse_file) as conn:
+        latest = conn.sql(LATEST_METRICS_SQL).pl()
+    rows = []
+    for task in project.tasks:
+        candidates = latest.filter((pl.col("task") == task.name) & (pl.col("dataset_version") == task.dataset_version)
+                                   & pl.col("model").is_in(sorted(eligible)))
+        if candidates.is_empty():
+            log.warning(f"task {task.name}: no evaluated model on version {task.dataset_version}; no recommendation")
+        for policy in registered_policies():
+            result = recommend(candidates.rename({"cost_per_case_usd": "cost_per_case"}),
+                               policy, task.qualification_threshold)
+            rows.append({
+                "eval_run_id": eval_run_id, "task": task.name, "dataset_version": task.dataset_version, "policy": policy,
+                "is_task_policy": policy == task.policy, "champion": result.champion, "runner_up": result.runner_up,
+                "champion_score": result.champion_score, "runner_up_score": result.runner_up_score,
+                "confidence": result.confidence, "qualified": list(result.qualified),
+                "candidates": sorted(candidates["model"].to_list()), "ranking_json": json.dumps(result.ranking),
+                "reasoning": result.reasoning, "source_eval_runs": sorted(set(candidates["eval_run_id"].to_list())),
+                "created_at": utc_now(),
+            })
+    frame = pl.DataFrame(rows, schema_overrides=RECOMMENDATION_COLUMN_TYPES)
+    with warehouse.write_connection(project.paths.warehouse_file) as conn:
+        warehouse.replace_slice(conn, "recommendations", frame, {"eval_run_id": eval_run_id})
+    return frame
