@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_leaderboard(paths, outcome.eval_run_id, task_names)
     _print_assignments(paths)
     if outcome.blocked:
-        print(f"\npromotion blocked by gate check(s): {outcome.blocked}")
+        print(f"\npromotion held back by gate(s) (other tasks were not affected): {outcome.blocked}")
     print(f"\neval run {outcome.eval_run_id} finished in {time.perf_counter() - started:.1f} s; warehouse: {paths.warehouse_file}")
     if outcome.failed:
         for model, error in outcome.failed.items():
@@ -103,13 +103,16 @@ def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[s
         print(f"\n== {rec['task']} (version {rec['dataset_version']}, policy {rec['policy']})")
         rows = board.filter((pl.col("task") == rec["task"]) & (pl.col("dataset_version") == rec["dataset_version"])
                             & pl.col("model").is_in(rec["candidates"]))
-        print(f"  {'model':<22}{'accuracy (95% CI)':<22}{'consistent':>11}{'success':>9}{'p50 ms':>9}{'p95 ms':>9}{'cost/case':>12}")
+        # n = cases: every accuracy figure and interval is over cases, repeats only measure consistency.
+        print(f"  {'model':<22}{'n':>4}  {'accuracy (95% CI)':<22}{'flip':>6}{'consistent':>11}{'success':>9}"
+              f"{'p50 ms':>9}{'p95 ms':>9}{'cost/case':>12}")
         for r in rows.iter_rows(named=True):
             cost = "unknown" if r["cost_per_case_usd"] is None else f"{r['cost_per_case_usd']:.6f}"
             p50 = "-" if r["p50_latency_ms"] is None else f"{r['p50_latency_ms']:.0f}"
             p95 = "-" if r["p95_latency_ms"] is None else f"{r['p95_latency_ms']:.0f}"
             acc = f"{r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f})"
-            print(f"  {r['model']:<22}{acc:<22}{r['consistency']:>11.2f}{r['success_rate']:>9.2f}{p50:>9}{p95:>9}{cost:>12}")
+            print(f"  {r['model']:<22}{r['cases']:>4}  {acc:<22}{r['flip_rate']:>6.2f}{r['consistency']:>11.2f}"
+                  f"{r['success_rate']:>9.2f}{p50:>9}{p95:>9}{cost:>12}")
         champion = rec["champion"] or "none qualified"
         print(f"  champion: {champion}; runner-up: {rec['runner_up'] or '-'}"
               + (f"; confidence {rec['confidence']:.2f}" if rec["confidence"] is not None else ""))

@@ -19,14 +19,16 @@ DEFAULT_SCHEDULE_CRON = "0 1 * * 0"  # Sundays 01:00
 class Gates:
     min_cases: int = 10
     min_repeats: int = 2
-    significance: float = 0.05
+    significance: float = 0.05             # one-sided level of the non-inferiority test (and of Holm's correction)
+    non_inferiority_margin: float = 0.05   # the champion may be at most this much less accurate than the assigned model
 
 
 @dataclass(frozen=True)
 class Rollout:
-    partial_share: float = 0.2
-    min_hours_in_stage: float = 0.0
-    min_production_calls: int = 0
+    partial_share: float = 0.1
+    min_hours_in_stage: float = 24.0
+    min_production_calls: int = 200        # the candidate's logged calls in its stage before it may advance
+    rollback_cooldown_hours: float = 168.0  # no re-promotion of a rolled-back model before this, unless the cases change
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class Degradation:
     min_success_rate: float = 0.90
     max_p95_latency_ratio: float = 2.0
     production_window_hours: float = 24.0
+    min_production_calls: int = 100        # production success rate is judged only on at least this many calls
+    min_latency_calls: int = 50            # production p95 is judged only on at least this many successful calls
+    significance: float = 0.05             # one-sided level of the production and re-evaluation tests
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,11 @@ def _section(data: dict, name: str, cls, path: Path):
             raise InputError(path, "must not be negative", field=f"{name}.{key}")
         values[key] = expected(value)
     result = cls(**values)
-    for key in ("partial_share", "significance", "min_success_rate", "max_accuracy_drop"):
+    for key in ("partial_share", "min_success_rate", "max_accuracy_drop", "non_inferiority_margin"):
         if hasattr(result, key) and not 0 <= getattr(result, key) <= 1:
             raise InputError(path, "must be between 0 and 1", field=f"{name}.{key}")
+    if hasattr(result, "significance") and not 0 < result.significance < 1:
+        raise InputError(path, "must be strictly between 0 and 1", field=f"{name}.significance")
     return result
 
 

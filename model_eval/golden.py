@@ -45,6 +45,9 @@ class TaskSpec:
     versions: tuple[str, ...]
     folder: Path
     placeholders: tuple[str, ...] = field(default=())
+    # Fixed anchors for composite policies (see golden/README.md): never relative to other candidates.
+    latency_target_ms: float = 2000.0
+    budget_per_case_usd: float = 0.001
 
     def cases_file(self, version: str | None = None) -> Path:
         return self.folder / "cases" / f"{version or self.dataset_version}.jsonl"
@@ -128,6 +131,14 @@ def load_task(folder: Path) -> TaskSpec:
     if not isinstance(call_params, dict):
         raise GoldenSetError(path, "must be a mapping", field="call_params")
 
+    anchors = {}
+    for key in ("latency_target_ms", "budget_per_case_usd"):
+        if key in data:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise GoldenSetError(path, f"must be a positive number, got {value!r}", field=key)
+            anchors[key] = float(value)
+
     cases_dir = folder / "cases"
     versions = tuple(sorted((p.stem for p in cases_dir.glob("*.jsonl")), key=_version_sort_key))
     if not versions:
@@ -153,6 +164,7 @@ def load_task(folder: Path) -> TaskSpec:
         versions=versions,
         folder=folder,
         placeholders=placeholders,
+        **anchors,
     )
 
 

@@ -13,25 +13,31 @@ from model_eval.stats import wilson_interval
 
 METRICS_SQL = """
 WITH per_case AS (
+    -- The case is the unit of evidence: repeats are averaged into one figure per case.
     SELECT eval_run_id, model, task, dataset_version, case_id,
+           count(*) AS repeats,
+           avg(correct::DOUBLE) AS case_accuracy,
+           avg(score) AS case_score,
            bool_and(correct) AS right_every_repeat,
-           -- a case is consistent when every repeat gave the same parsed answer (a failed parse counts as its own answer)
-           count(DISTINCT coalesce(parsed, '<unparsed>')) = 1 AND count(*) FILTER (WHERE call_failed) = 0 AS consistent
+           -- repeats disagree on the outcome: right on some, wrong on others
+           bool_or(correct) AND NOT bool_and(correct) AS flipped,
+           -- every repeat answered, parsed, and gave the same answer (an answer that never parses is not consistent)
+           count(*) FILTER (WHERE call_failed OR parsed IS NULL) = 0 AND count(DISTINCT parsed) = 1 AS consistent
     FROM scores {where}
     GROUP BY ALL
 ),
 per_case_summary AS (
-    SELECT eval_run_id, model, task, dataset_version, count(*) AS cases,
-           avg(right_every_repeat::DOUBLE) AS correctness, avg(consistent::DOUBLE) AS consistency
+    SELECT eval_run_id, model, task, dataset_version, count(*) AS cases, min(repeats) AS repeats,
+           avg(case_accuracy) AS accuracy, sum(case_accuracy) AS accuracy_sum, avg(case_score) AS mean_score,
+           avg(right_every_repeat::DOUBLE) AS correctness, avg(flipped::DOUBLE) AS flip_rate,
+           avg(consistent::DOUBLE) AS consistency
     FROM per_case GROUP BY ALL
 ),
 per_call AS (
     SELECT eval_run_id, model, task, dataset_version,
            count(*) AS calls,
-           count(*) FILTER (WHERE correct) AS correct_calls,
-           avg(correct::DOUBLE) AS accuracy,
-           avg(score) AS mean_score,
            avg((NOT call_failed)::DOUBLE) AS success_rate,
+           -- latency is measured over successful calls only (production figures use the same definition)
            quantile_cont(latency_ms, 0.50) FILTER (WHERE NOT call_failed) AS p50_latency_ms,
            quantile_cont(latency_ms, 0.95) FILTER (WHERE NOT call_failed) AS p95_latency_ms,
            quantile_cont(latency_ms, 0.99) FILTER (WHERE NOT call_failed) AS p99_latency_ms,
@@ -44,8 +50,9 @@ per_call AS (
     FROM scores {where}
     GROUP BY ALL
 )
-SELECT c.eval_run_id, c.model, c.task, c.dataset_version, s.cases, c.calls, c.correct_calls, c.accuracy, c.mean_score,
-       s.correctness, s.consistency, c.success_rate, c.p50_latency_ms, c.p95_latency_ms, c.p99_latency_ms,
+SELECT c.eval_run_id, c.model, c.task, c.dataset_version, s.cases, c.calls, s.repeats, s.accuracy, s.accuracy_sum,
+       s.mean_score, s.correctness, s.correctness AS pass_all_k, s.flip_rate, s.consistency, c.success_rate,
+       c.p50_latency_ms, c.p95_latency_ms, c.p99_latency_ms,
        c.mean_input_tokens, c.mean_output_tokens, c.total_cost_usd, c.total_cost_usd / s.cases AS cost_per_case_usd,
        c.evaluated_at
 FROM per_call c JOIN per_case_summary s USING (eval_run_id, model, task, dataset_version)
@@ -54,20 +61,35 @@ ORDER BY c.task, c.model, c.eval_run_id
 
 
 def compute_metrics(conn: duckdb.DuckDBPyConnection, eval_run_ids: list[str] | None = None) -> pl.DataFrame:
-    """Metrics for the given eval runs (all runs when None), one row per (eval run, model, task, version)."""
+    """Metrics for the given eval runs (all runs when None), one row per (eval run, model, task, version).
+
+    Accuracy is the mean over cases of each case's share of right repeats; its 95% interval is Wilson
+    over the cases (n = `cases`), never over calls.
+    """
     if eval_run_ids is None:
         frame = conn.sql(METRICS_SQL.format(where="")).pl()
     else:
         where = "WHERE list_contains($ids::VARCHAR[], eval_run_id)"
         frame = conn.sql(METRICS_SQL.format(where=where), params={"ids": eval_run_ids}).pl()
-    if frame.is_empty():
-        return frame.with_columns(pl.lit(None, pl.Float64).alias("accuracy_low"),
-                                  pl.lit(None, pl.Float64).alias("accuracy_high")).drop("correct_calls")
-    bounds = [wilson_interval(int(k), int(n)) for k, n in zip(frame["correct_calls"], frame["calls"])]
+    bounds = [wilson_interval(total, int(n)) for total, n in zip(frame["accuracy_sum"], frame["cases"])]
     return frame.with_columns(
         pl.Series("accuracy_low", [b[0] for b in bounds], dtype=pl.Float64),
         pl.Series("accuracy_high", [b[1] for b in bounds], dtype=pl.Float64),
-    ).drop("correct_calls")
+    ).drop("accuracy_sum")
+
+
+def case_accuracies(conn: duckdb.DuckDBPyConnection, model: str, task: str, dataset_version: str,
+                    eval_run_id: str) -> dict[str, float]:
+    """Each case's share of right repeats for one model in one eval run: the paired tests' input."""
+    return dict(conn.execute("""
+        SELECT case_id, avg(correct::DOUBLE) FROM scores
+        WHERE model = ? AND task = ? AND dataset_version = ? AND eval_run_id = ? GROUP BY case_id""",
+                             [model, task, dataset_version, eval_run_id]).fetchall())
+
+
+def paired_differences(first: dict[str, float], second: dict[str, float]) -> list[float]:
+    """first - second on the cases both answered, in case order (so the result never depends on row order)."""
+    return [first[case] - second[case] for case in sorted(first.keys() & second.keys())]
 
 
 LATEST_METRICS_SQL = """

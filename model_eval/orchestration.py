@@ -25,7 +25,7 @@ class EvaluationOutcome:
     succeeded: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)   # model -> error
     error: str | None = None                                  # prepare/recommend failure
-    blocked: str | None = None                                # a blocking gate check stopped promotion
+    blocked: str | None = None                                # gates that failed for some task (its promotion waits)
     dagster_run_ids: list[str] = field(default_factory=list)
 
     @property
@@ -44,7 +44,7 @@ def _failure_text(event) -> str:
 
 
 def _check_failures(instance: dg.DagsterInstance, run_id: str) -> list[str]:
-    """The failed gate checks of a run, with the per-task description each one recorded."""
+    """The gate checks of a run that failed for some task, with the description each one recorded."""
     texts = []
     for record in instance.get_records_for_run(run_id).records:
         event = record.event_log_entry.dagster_event
@@ -77,13 +77,14 @@ def run_evaluation(
         job = defs.resolve_job_def(job_name)
         result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, **kwargs)
         outcome.dagster_run_ids.append(result.run_id)
+        # A gate that fails for one task is a WARN check result, not a failed run: promotion still
+        # runs for the other tasks. Report which gates held which tasks back.
+        blocked = _check_failures(instance, result.run_id)
+        if blocked:
+            outcome.blocked = "; ".join(blocked)
         if result.success:
             return None
         failures = [e for e in result.all_events if e.is_step_failure]
-        if failures and all(e.step_key.startswith("recommendations_gate_") for e in failures):
-            # A blocking promotion gate failed: the run stops before model_assignments, by design.
-            outcome.blocked = "; ".join(_check_failures(instance, result.run_id))
-            return None
         return "; ".join(_failure_text(e) for e in failures) or "run failed"
 
     if error := execute("prepare", run_config=logging_config):

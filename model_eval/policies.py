@@ -6,6 +6,11 @@ qualifiers are ranked; everything else (tie-breaking, confidence, reasoning
 text, the "nobody qualified" case) is shared here so every policy behaves the
 same way at the edges.
 
+Scores depend only on the candidate itself and fixed anchors from the task (the threshold, a latency
+target and a budget per case; see `Anchors`), never on who else was evaluated: adding or removing a
+model that does not win never changes the champion among the others (independence of irrelevant
+alternatives; a property test checks it).
+
 Rules shared by every policy:
 
 * A model with no successful call (success_rate == 0) never qualifies, even at
@@ -24,13 +29,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import polars as pl
 
-from model_eval.stats import prob_a_beats_b, prob_at_least
+from model_eval.stats import paired_confidence, prob_a_beats_b, prob_at_least
+
+DEFAULT_LATENCY_TARGET_MS = 2000.0
+DEFAULT_BUDGET_PER_CASE_USD = 0.001
 
 REQUIRED_COLUMNS = (
     "model",
@@ -76,14 +84,32 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Anchors:
+    """Fixed reference points for composite scores, from the task file (golden/README.md).
+
+    Speed and cost scores are target / (target + value): 1 for free or instant, 0.5 exactly at the
+    target, falling toward 0 beyond it, so no cut-off hides differences past the target.
+    """
+
+    latency_target_ms: float = DEFAULT_LATENCY_TARGET_MS
+    budget_per_case_usd: float = DEFAULT_BUDGET_PER_CASE_USD
+
+    def __post_init__(self):
+        for name in ("latency_target_ms", "budget_per_case_usd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
 class Recommendation:
     policy: str
     champion: str | None
     runner_up: str | None
     champion_score: float | None
     runner_up_score: float | None
-    # Champion + runner-up: P(champion's true accuracy > runner-up's).
-    # Lone champion: P(champion's true accuracy >= threshold). None: no champion.
+    # Champion + runner-up: confidence the champion is truly more accurate (paired over cases when
+    # per-case results are given). Lone champion: confidence its accuracy is >= threshold. None: no champion.
     confidence: float | None
     qualified: list[str]  # in ranking order
     ranking: list[tuple[str, float | None]]  # qualified models with their policy score, best first
@@ -135,7 +161,8 @@ def _sentence(text: str) -> str:
 
 def _figures(candidate: Candidate) -> str:
     return (
-        f"accuracy {_pct(candidate.accuracy)} (95% CI {_pct(candidate.accuracy_low)}-{_pct(candidate.accuracy_high)}), "
+        f"accuracy {_pct(candidate.accuracy)} over n={candidate.cases} cases "
+        f"(95% CI {_pct(candidate.accuracy_low)}-{_pct(candidate.accuracy_high)}), "
         f"p50 {_latency(candidate.p50_latency_ms)}, {_cost(candidate.cost_per_case)}"
     )
 
@@ -162,9 +189,12 @@ class Policy(ABC):
         return candidate.accuracy >= threshold - EPSILON
 
     @abstractmethod
-    def scores(self, qualified: Sequence[Candidate]) -> dict[str, float | None]:
-        """Policy score per qualified model. Computed over the whole qualified
-        set because some policies normalise relative to the other qualifiers."""
+    def score(self, candidate: Candidate, threshold: float, anchors: Anchors) -> float | None:
+        """The policy score of one qualified model: a function of that model and the task's fixed
+        anchors only, so other candidates can never change it."""
+
+    def scores(self, qualified: Sequence[Candidate], threshold: float, anchors: Anchors) -> dict[str, float | None]:
+        return {c.model: self.score(c, threshold, anchors) for c in qualified}
 
     def order_key(self, candidate: Candidate, score: float | None) -> tuple[Any, ...]:
         """The policy's own ordering (smaller sorts first); ties fall through
@@ -219,40 +249,31 @@ def _unknown_cost_note(qualified: Sequence[Candidate], consequence: str) -> list
     return [f"cost per case is unknown for {', '.join(unknown)}, so {consequence}"] if unknown else []
 
 
-def _min_max(values: dict[str, float | None], lower_is_better: bool) -> dict[str, float]:
-    """Min-max normalise to 0..1, higher = better; all-equal -> 1.0; None -> 0.0."""
-    known = [value for value in values.values() if value is not None]
-    if not known:
-        return {model: 0.0 for model in values}
-    low, high = min(known), max(known)
-    result = {}
-    for model, value in values.items():
-        if value is None:
-            result[model] = 0.0
-        elif high - low <= EPSILON:
-            result[model] = 1.0
-        elif lower_is_better:
-            result[model] = (high - value) / (high - low)
-        else:
-            result[model] = (value - low) / (high - low)
-    return result
+def _accuracy_above_threshold(accuracy: float, threshold: float) -> float:
+    """0 at the threshold, 1 at perfect accuracy, linear between."""
+    if threshold >= 1.0 - EPSILON:
+        return 1.0
+    return min(1.0, max(0.0, (accuracy - threshold) / (1.0 - threshold)))
+
+
+def _against_target(value: float | None, target: float) -> float:
+    """target / (target + value): 1 at zero, 0.5 at the target; unknown counts as 0 (worst)."""
+    if value is None:
+        return 0.0
+    return target / (target + max(0.0, value))
 
 
 class _CompositePolicy(Policy):
-    """Weighted sum of min-max normalised accuracy, speed and cost."""
+    """Weighted sum of accuracy, speed and cost, each scored against the task's fixed anchors."""
 
     weights: ClassVar[tuple[float, float, float]]  # accuracy, speed, cost
-    score_name = "composite of normalised accuracy, speed and cost (higher is better)"
+    score_name = "composite of accuracy, speed and cost against the task's anchors (higher is better)"
 
-    def scores(self, qualified: Sequence[Candidate]) -> dict[str, float | None]:
-        accuracy = _min_max({c.model: c.accuracy for c in qualified}, lower_is_better=False)
-        speed = _min_max({c.model: c.p50_latency_ms for c in qualified}, lower_is_better=True)
-        cost = _min_max({c.model: c.cost_per_case for c in qualified}, lower_is_better=True)
+    def score(self, candidate: Candidate, threshold: float, anchors: Anchors) -> float | None:
         w_accuracy, w_speed, w_cost = self.weights
-        return {
-            c.model: w_accuracy * accuracy[c.model] + w_speed * speed[c.model] + w_cost * cost[c.model]
-            for c in qualified
-        }
+        return (w_accuracy * _accuracy_above_threshold(candidate.accuracy, threshold)
+                + w_speed * _against_target(candidate.p50_latency_ms, anchors.latency_target_ms)
+                + w_cost * _against_target(candidate.cost_per_case, anchors.budget_per_case_usd))
 
     def notes(self, qualified: Sequence[Candidate]) -> list[str]:
         return _unknown_cost_note(qualified, "the cost component counts as 0 for it")
@@ -274,8 +295,8 @@ class StrictPolicy(Policy):
     def qualifies(self, candidate: Candidate, threshold: float) -> bool:
         return candidate.correctness >= 1.0 - EPSILON and candidate.success_rate >= 1.0 - EPSILON
 
-    def scores(self, qualified: Sequence[Candidate]) -> dict[str, float | None]:
-        return {c.model: c.p50_latency_ms for c in qualified}
+    def score(self, candidate: Candidate, threshold: float, anchors: Anchors) -> float | None:
+        return candidate.p50_latency_ms
 
     def format_score(self, score: float | None) -> str:
         return _latency(score)
@@ -284,14 +305,15 @@ class StrictPolicy(Policy):
 @register_policy
 class WeightedPolicy(_CompositePolicy):
     name = "weighted"
-    rule = "0.5 x accuracy + 0.3 x speed + 0.2 x cost, each min-max normalised across qualifiers"
+    rule = ("0.5 x accuracy + 0.3 x speed + 0.2 x cost, each scored against the task's threshold, "
+            "latency target and budget per case")
     weights = (0.5, 0.3, 0.2)
 
 
 @register_policy
 class BalancedPolicy(_CompositePolicy):
     name = "balanced"
-    rule = "equal thirds of accuracy, speed and cost, each min-max normalised across qualifiers"
+    rule = "equal thirds of accuracy, speed and cost, each scored against the task's threshold, latency target and budget"
     weights = (1 / 3, 1 / 3, 1 / 3)
 
 
@@ -302,8 +324,8 @@ class SpeedPolicy(Policy):
     score_name = "p50 latency in ms (lower is better)"
     higher_is_better = False
 
-    def scores(self, qualified: Sequence[Candidate]) -> dict[str, float | None]:
-        return {c.model: c.p50_latency_ms for c in qualified}
+    def score(self, candidate: Candidate, threshold: float, anchors: Anchors) -> float | None:
+        return candidate.p50_latency_ms
 
     def format_score(self, score: float | None) -> str:
         return _latency(score)
@@ -315,8 +337,8 @@ class QualityPolicy(Policy):
     rule = "highest accuracy, then correctness, then consistency"
     score_name = "accuracy (higher is better)"
 
-    def scores(self, qualified: Sequence[Candidate]) -> dict[str, float | None]:
-        return {c.model: c.accuracy for c in qualified}
+    def score(self, candidate: Candidate, threshold: float, anchors: Anchors) -> float | None:
+        return candidate.accuracy
 
     def order_key(self, candidate: Candidate, score: float | None) -> tuple[Any, ...]:
         return (
@@ -336,8 +358,8 @@ class CostPolicy(Policy):
     score_name = "cost per case in USD (lower is better; None = unknown)"
     higher_is_better = False
 
-    def scores(self, qualified: Sequence[Candidate]) -> dict[str, float | None]:
-        return {c.model: c.cost_per_case for c in qualified}
+    def score(self, candidate: Candidate, threshold: float, anchors: Anchors) -> float | None:
+        return candidate.cost_per_case
 
     def format_score(self, score: float | None) -> str:
         return _cost(score)
@@ -352,8 +374,8 @@ class ReliablePolicy(Policy):
     rule = "highest success rate x consistency, then accuracy"
     score_name = "success_rate x consistency (higher is better)"
 
-    def scores(self, qualified: Sequence[Candidate]) -> dict[str, float | None]:
-        return {c.model: c.success_rate * c.consistency for c in qualified}
+    def score(self, candidate: Candidate, threshold: float, anchors: Anchors) -> float | None:
+        return candidate.success_rate * candidate.consistency
 
     def order_key(self, candidate: Candidate, score: float | None) -> tuple[Any, ...]:
         return (-round(score or 0.0, _SCORE_DIGITS), -round(candidate.accuracy, _SCORE_DIGITS))
@@ -462,12 +484,29 @@ def _no_champion(policy: Policy, candidates: list[Candidate], threshold: float) 
     )
 
 
-def _recommend(policy: Policy, candidates: list[Candidate], threshold: float) -> Recommendation:
+CaseAccuracy = Mapping[str, Mapping[str, float]]  # model -> case id -> share of right repeats
+
+
+def _runner_up_confidence(champion: Candidate, runner_up: Candidate, case_accuracy: CaseAccuracy | None) -> tuple[float, str]:
+    """Confidence the champion is truly more accurate, and how it was computed."""
+    mine = (case_accuracy or {}).get(champion.model)
+    theirs = (case_accuracy or {}).get(runner_up.model)
+    if mine and theirs:
+        differences = [mine[case] - theirs[case] for case in sorted(mine.keys() & theirs.keys())]
+        if differences:
+            return paired_confidence(differences), f"paired over the {len(differences)} cases both answered"
+    # Without per-case results: the two samples are treated as independent, over cases (conservative for paired data).
+    return (prob_a_beats_b(champion.accuracy, champion.cases, runner_up.accuracy, runner_up.cases),
+            f"unpaired, over {champion.cases} and {runner_up.cases} cases")
+
+
+def _recommend(policy: Policy, candidates: list[Candidate], threshold: float, anchors: Anchors,
+               case_accuracy: CaseAccuracy | None) -> Recommendation:
     qualified = [c for c in candidates if c.answered and policy.qualifies(c, threshold)]
     if not qualified:
         return _no_champion(policy, candidates, threshold)
 
-    scores = policy.scores(qualified)
+    scores = policy.scores(qualified, threshold, anchors)
     ordered = sorted(qualified, key=lambda c: (policy.order_key(c, scores[c.model]), _tie_break_key(c)))
     champion = ordered[0]
     runner_up = ordered[1] if len(ordered) > 1 else None
@@ -477,16 +516,17 @@ def _recommend(policy: Policy, candidates: list[Candidate], threshold: float) ->
         f"score {policy.format_score(scores[champion.model])}): {_figures(champion)}."
     ]
     if runner_up is not None:
-        confidence = prob_a_beats_b(champion.accuracy, champion.calls, runner_up.accuracy, runner_up.calls)
+        confidence, how = _runner_up_confidence(champion, runner_up, case_accuracy)
         sentences.append(
             f"Runner-up {runner_up.model} (score {policy.format_score(scores[runner_up.model])}): "
-            f"{_figures(runner_up)}; probability {champion.model} is truly more accurate: {confidence:.2f}."
+            f"{_figures(runner_up)}; confidence {champion.model} is truly more accurate: {confidence:.2f} ({how})."
         )
     else:
-        confidence = prob_at_least(champion.accuracy, champion.calls, threshold)
+        confidence = prob_at_least(champion.accuracy, champion.cases, threshold)
         sentences.append(
             f"It is the only one of {len(candidates)} candidate(s) that qualified "
-            f"({policy.qualification}); probability its true accuracy is at least {_pct(threshold)}: {confidence:.2f}."
+            f"({policy.qualification}); confidence its true accuracy is at least {_pct(threshold)}: {confidence:.2f} "
+            f"(over {champion.cases} cases)."
         )
     notes = policy.notes(qualified)
     if runner_up is not None and policy.order_key(champion, scores[champion.model]) == policy.order_key(
@@ -516,7 +556,13 @@ def _check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def recommend(candidates_df: pl.DataFrame, policy_name: str, threshold: float) -> Recommendation:
-    """Recommend a champion for one task under one policy."""
+def recommend(candidates_df: pl.DataFrame, policy_name: str, threshold: float, anchors: Anchors | None = None,
+              case_accuracy: CaseAccuracy | None = None) -> Recommendation:
+    """Recommend a champion for one task under one policy.
+
+    `case_accuracy` (model -> case -> share of right repeats) makes the runner-up confidence a paired
+    comparison over the cases both models answered."""
     policy = get_policy(policy_name)
-    return _recommend(policy, candidates_from_frame(candidates_df), _check_threshold(threshold))
+    return _recommend(policy, candidates_from_frame(candidates_df), _check_threshold(threshold), anchors or Anchors(),
+                      case_accuracy)
+

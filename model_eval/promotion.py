@@ -17,11 +17,13 @@ import polars as pl
 from model_eval.alerts import Alert
 from model_eval.deployment import Deployment
 from model_eval.errors import InputError
-from model_eval.gates import GateResult, evaluate_gates
+from model_eval.gates import GateResult, gate_verdict, recorded_gates
 from model_eval.golden import TaskSpec
-from model_eval.metrics import latest_metrics
+from model_eval.metrics import case_accuracies, latest_metrics, paired_differences
+from model_eval.production_evidence import advance_waits_for, degradation_problems, production_window
 from model_eval.registry import Registry
 from model_eval.router import STAGES
+from model_eval.stats import binomial_test, paired_confidence
 
 NEXT_STAGE = dict(zip(STAGES, STAGES[1:]))  # shadow -> partial -> full
 
@@ -42,6 +44,8 @@ class AssignmentState:
     baseline_accuracy: float | None
     baseline_success_rate: float | None
     baseline_p95_latency_ms: float | None
+    baseline_dataset_version: str | None = None   # baselines are compared on this golden version only
+    baseline_eval_run_id: str | None = None
 
     @property
     def serving(self) -> str:
@@ -56,7 +60,8 @@ class AssignmentState:
 @dataclass
 class Decision:
     task: str
-    action: str                       # keep | pinned | blocked | hold | promote | advance | rollback | abort_rollout
+    # keep | pinned | blocked | hold | cooldown | promote | advance | rollback | abort_rollout | abort_degraded
+    action: str
     reason: str
     model: str | None = None          # for changes: the new row's model, stage, share, previous
     stage: str | None = None
@@ -67,7 +72,7 @@ class Decision:
 
     @property
     def changes_assignment(self) -> bool:
-        return self.action in ("promote", "advance", "rollback", "abort_rollout")
+        return self.action in ("promote", "advance", "rollback", "abort_rollout", "abort_degraded")
 
 
 def current_assignments(conn: duckdb.DuckDBPyConnection) -> dict[str, AssignmentState]:
@@ -77,16 +82,22 @@ def current_assignments(conn: duckdb.DuckDBPyConnection) -> dict[str, Assignment
         task=r["task"], model=r["model"], stage=r["stage"], traffic_share=r["traffic_share"], previous_model=r["previous_model"],
         pinned=bool(r["pinned"]), assigned_at=r["assigned_at"], baseline_accuracy=r["baseline_accuracy"],
         baseline_success_rate=r["baseline_success_rate"], baseline_p95_latency_ms=r["baseline_p95_latency_ms"],
+        baseline_dataset_version=r["baseline_dataset_version"], baseline_eval_run_id=r["baseline_eval_run_id"],
     ) for r in frame.iter_rows(named=True)}
+
+
+def newest_task_recommendations(conn, tasks: list[TaskSpec]) -> dict[str, dict]:
+    """Each task's newest recommendation under its own policy on its current version: champion and qualified models."""
+    frame = conn.sql("""
+        SELECT task, dataset_version, champion, qualified FROM recommendations WHERE is_task_policy
+        QUALIFY row_number() OVER (PARTITION BY task, dataset_version ORDER BY created_at DESC) = 1""").pl()
+    current = {(t.name, t.dataset_version) for t in tasks}
+    return {r["task"]: r for r in frame.iter_rows(named=True) if (r["task"], r["dataset_version"]) in current}
 
 
 def newest_champions(conn, tasks: list[TaskSpec]) -> dict[str, str | None]:
     """Each task's champion under its own policy, from its newest recommendation on the current version."""
-    frame = conn.sql("""
-        SELECT task, dataset_version, champion FROM recommendations WHERE is_task_policy
-        QUALIFY row_number() OVER (PARTITION BY task, dataset_version ORDER BY created_at DESC) = 1""").pl()
-    current = {(t.name, t.dataset_version) for t in tasks}
-    return {r["task"]: r["champion"] for r in frame.iter_rows(named=True) if (r["task"], r["dataset_version"]) in current}
+    return {task: row["champion"] for task, row in newest_task_recommendations(conn, tasks).items()}
 
 
 def effective_assignments(conn, deployment: Deployment) -> dict[str, AssignmentState]:
@@ -110,10 +121,12 @@ def record(conn, *, task: str, model: str, stage: str, traffic_share: float, pre
     """Append one assignment row (the caller owns the transaction)."""
     conn.execute("""
         INSERT INTO model_assignments (task, model, stage, traffic_share, previous_model, pinned, action, reason, assigned_by,
-                                       assigned_at, eval_run_id, baseline_accuracy, baseline_success_rate, baseline_p95_latency_ms)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                       assigned_at, eval_run_id, baseline_accuracy, baseline_success_rate, baseline_p95_latency_ms,
+                                       baseline_dataset_version, baseline_eval_run_id)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                  [task, model, stage, traffic_share, previous_model, pinned, action, reason, assigned_by, _now(), eval_run_id,
-                  (baseline or {}).get("accuracy"), (baseline or {}).get("success_rate"), (baseline or {}).get("p95_latency_ms")])
+                  *[(baseline or {}).get(key) for key in ("accuracy", "success_rate", "p95_latency_ms", "dataset_version",
+                                                           "eval_run_id")]])
 
 
 def ensure_initial_assignments(conn, deployment: Deployment, registry: Registry, tasks: list[TaskSpec]) -> list[str]:
@@ -135,16 +148,22 @@ def ensure_initial_assignments(conn, deployment: Deployment, registry: Registry,
     return added
 
 
-def production_health(conn, model: str, task: str, since: datetime) -> dict | None:
-    """Logged production calls of `model` on `task` since `since`: calls, success rate, p95 latency."""
-    exists = conn.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'production_calls'").fetchall()[0][0]
-    if not exists:
+def _accuracy_drop(conn, task: TaskSpec, state: AssignmentState, latest: dict, deployment: Deployment) -> str | None:
+    """A fall in accuracy beyond the limit, on the baseline's golden version and paired by case, that is not noise."""
+    limits = deployment.degradation
+    if state.baseline_accuracy is None or state.baseline_dataset_version != latest["dataset_version"]:
+        return None  # no baseline on this golden version: accuracies on different cases are not comparable
+    drop = state.baseline_accuracy - latest["accuracy"]
+    if drop <= limits.max_accuracy_drop:
         return None
-    rows = conn.sql("""
-        SELECT count(*) AS calls, avg(success::DOUBLE) AS success_rate, quantile_cont(latency_ms, 0.95) AS p95_latency_ms
-        FROM production_calls WHERE model = $model AND task = $task AND ts >= $since""",
-                    params={"model": model, "task": task, "since": since}).pl().row(0, named=True)
-    return rows if rows["calls"] else None
+    before = case_accuracies(conn, state.serving, task.name, latest["dataset_version"], state.baseline_eval_run_id or "")
+    after = case_accuracies(conn, state.serving, task.name, latest["dataset_version"], latest["eval_run_id"])
+    differences = paired_differences(before, after)
+    p_value = 1.0 - paired_confidence(differences) if differences else 1.0
+    if p_value >= limits.significance:
+        return None
+    return (f"accuracy fell from {state.baseline_accuracy:.3f} to {latest['accuracy']:.3f} on {latest['dataset_version']} "
+            f"(more than {limits.max_accuracy_drop:.2f}; paired over n={len(differences)} cases, one-sided p={p_value:.2g})")
 
 
 def degradation_reason(conn, task: TaskSpec, state: AssignmentState, deployment: Deployment, now: datetime) -> str | None:
@@ -154,25 +173,32 @@ def degradation_reason(conn, task: TaskSpec, state: AssignmentState, deployment:
     problems = []
     latest = _latest_metrics(conn, model, task, since=state.assigned_at)
     if latest is not None:
-        if state.baseline_accuracy is not None and latest["accuracy"] < state.baseline_accuracy - limits.max_accuracy_drop:
-            problems.append(f"accuracy fell from {state.baseline_accuracy:.3f} to {latest['accuracy']:.3f} "
-                            f"(more than {limits.max_accuracy_drop:.2f})")
-        if latest["success_rate"] < limits.min_success_rate:
-            problems.append(f"success rate {latest['success_rate']:.2f} in re-evaluation is below {limits.min_success_rate:.2f}")
+        if (dropped := _accuracy_drop(conn, task, state, latest, deployment)) is not None:
+            problems.append(dropped)
+        calls = int(latest["calls"])
+        successes = round(latest["success_rate"] * calls)
+        test = binomial_test(successes, calls, limits.min_success_rate, "less")
+        if test.p_value < limits.significance:
+            problems.append(f"success rate {latest['success_rate']:.2f} over {calls} calls in re-evaluation is below "
+                            f"{limits.min_success_rate:.2f} (exact one-sided binomial p={test.p_value:.2g})")
         if (state.baseline_p95_latency_ms and latest["p95_latency_ms"]
                 and latest["p95_latency_ms"] > limits.max_p95_latency_ratio * state.baseline_p95_latency_ms):
             problems.append(f"p95 latency rose from {state.baseline_p95_latency_ms:.0f} ms to {latest['p95_latency_ms']:.0f} ms")
-    window_start = max(state.assigned_at, now - timedelta(hours=limits.production_window_hours))
-    health = production_health(conn, model, task.name, window_start)
-    if health is not None:
-        if health["success_rate"] < limits.min_success_rate:
-            problems.append(f"{health['calls']} logged production calls succeeded at {health['success_rate']:.2f}, "
-                            f"below {limits.min_success_rate:.2f}")
-        if (state.baseline_p95_latency_ms and health["p95_latency_ms"]
-                and health["p95_latency_ms"] > limits.max_p95_latency_ratio * state.baseline_p95_latency_ms):
-            problems.append(f"production p95 latency {health['p95_latency_ms']:.0f} ms is over "
-                            f"{limits.max_p95_latency_ratio:g}x the {state.baseline_p95_latency_ms:.0f} ms at promotion")
+    problems += degradation_problems(_window(conn, model, task, state, deployment, now), limits, state.baseline_p95_latency_ms)
     return f"{model} degraded: " + "; ".join(problems) if problems else None
+
+
+def _window(conn, model: str, task: TaskSpec, state: AssignmentState, deployment: Deployment, now: datetime):
+    """The model's production calls since it took its current role, within the configured window."""
+    start = max(state.assigned_at, now - timedelta(hours=deployment.degradation.production_window_hours))
+    return production_window(conn, model, task.name, start, deployment.degradation.min_latency_calls)
+
+
+def candidate_degradation(conn, task: TaskSpec, state: AssignmentState, deployment: Deployment, now: datetime) -> str | None:
+    """Why a candidate in shadow or partial must be stopped, from its logged production calls; None if no evidence."""
+    problems = degradation_problems(_window(conn, state.model, task, state, deployment, now), deployment.degradation,
+                                    state.baseline_p95_latency_ms)
+    return f"candidate {state.model} degraded in {state.stage}: " + "; ".join(problems) if problems else None
 
 
 def _ready_to_advance(conn, task: TaskSpec, state: AssignmentState, deployment: Deployment, now: datetime) -> str | None:
@@ -181,13 +207,35 @@ def _ready_to_advance(conn, task: TaskSpec, state: AssignmentState, deployment: 
     hours = (now - state.assigned_at).total_seconds() / 3600
     if hours < rollout.min_hours_in_stage:
         return f"{hours:.1f} h of {rollout.min_hours_in_stage:g} h in {state.stage}"
-    health = production_health(conn, state.model, task.name, state.assigned_at)
-    calls = health["calls"] if health else 0
-    if calls < rollout.min_production_calls:
-        return f"{calls} of {rollout.min_production_calls} logged production calls in {state.stage}"
-    if health and health["success_rate"] < deployment.degradation.min_success_rate:
-        return f"candidate's production success rate {health['success_rate']:.2f} is too low"
-    return None
+    window = production_window(conn, state.model, task.name, state.assigned_at, deployment.degradation.min_latency_calls)
+    return advance_waits_for(window, rollout, deployment.degradation)
+
+
+ROLLBACK_ACTIONS = ("rollback", "abort_degraded", "manual_rollback")
+
+
+def cooldown_reason(conn, task: TaskSpec, champion: str, deployment: Deployment, now: datetime) -> str | None:
+    """Why a model rolled back from this task may not be promoted again yet; None when it may.
+
+    New evidence lifts the hold: the task's current golden cases changed after the rollback (the
+    champion's standing comes from an evaluation on them), or `rollout.rollback_cooldown_hours` passed.
+    """
+    rows = conn.execute(f"""
+        SELECT assigned_at, action, reason FROM model_assignments
+        WHERE task = ? AND previous_model = ? AND action IN ({", ".join(f"'{a}'" for a in ROLLBACK_ACTIONS)})
+        ORDER BY seq DESC LIMIT 1""", [task.name, champion]).fetchall()
+    if not rows:
+        return None
+    rolled_back_at, action, reason = rows[0]
+    ends = rolled_back_at + timedelta(hours=deployment.rollout.rollback_cooldown_hours)
+    if now >= ends:
+        return None
+    changed = conn.execute("""SELECT count(*) FROM golden_versions WHERE task = ? AND is_current AND ingested_at > ?""",
+                           [task.name, rolled_back_at]).fetchall()[0][0]
+    if changed:
+        return None
+    return (f"{champion} was removed from {task.name} by {action} at {rolled_back_at:%Y-%m-%d %H:%M} UTC ({reason}); "
+            f"it is not promoted again until the golden cases change or the cool-down ends at {ends:%Y-%m-%d %H:%M} UTC")
 
 
 def gated_pair(state: AssignmentState | None, champion: str | None) -> tuple[str, str | None] | None:
@@ -199,9 +247,20 @@ def gated_pair(state: AssignmentState | None, champion: str | None) -> tuple[str
     return None if champion == state.model else (champion, state.model)
 
 
+def _gated(conn, eval_run_id: str | None, task: TaskSpec, champion: str, incumbent: str | None) -> tuple[bool, str, list[GateResult]]:
+    """The gates recorded for this evaluation (never evaluated again here); a missing result blocks."""
+    results = recorded_gates(conn, eval_run_id, task.name, champion, incumbent) if eval_run_id else []
+    passed, reason = gate_verdict(results, eval_run_id)
+    return passed, reason, results
+
+
 def plan_promotions(conn, tasks: list[TaskSpec], champions: dict[str, str | None], deployment: Deployment,
-                    now: datetime | None = None) -> list[Decision]:
-    """What should happen to each task's assignment, given the newest champion per task."""
+                    now: datetime | None = None, *, eval_run_id: str | None = None) -> list[Decision]:
+    """What should happen to each task's assignment, given the newest champion per task.
+
+    Safety actions (rollback, aborting a rollout) come first and never wait on a gate. A promotion
+    or a stage advance needs every gate recorded for this eval run, for this task, to have passed.
+    """
     now = now or _now()
     states = current_assignments(conn)
     decisions = []
@@ -215,60 +274,64 @@ def plan_promotions(conn, tasks: list[TaskSpec], champions: dict[str, str | None
             decisions.append(Decision(task.name, "pinned", f"pinned to {state.serving}; champion is {champion or 'none'} "
                                                            "(reported only)", champion=champion))
             continue
+        if state.stage in NEXT_STAGE:
+            decisions.append(_plan_rollout(conn, task, state, champion, deployment, now, eval_run_id))
+            continue
         degraded = degradation_reason(conn, task, state, deployment, now)
-        if degraded and state.stage == "full":
+        if degraded:
             if state.previous_model is None:
                 decisions.append(Decision(task.name, "hold", degraded + "; no previous model to restore", champion=champion))
             else:
                 decisions.append(Decision(task.name, "rollback", degraded + f"; restoring {state.previous_model}",
                                           state.previous_model, "full", 1.0, state.model, champion=champion))
             continue
-        if state.stage in NEXT_STAGE:
-            incumbent = state.previous_model
-            if champion != state.model:
-                why = f"recommendation is now {champion or 'no qualified model'}, not {state.model}"
-                decisions.append(Decision(task.name, "abort_rollout", f"rollout of {state.model} stopped: {why}",
-                                          incumbent, "full", 1.0, state.model, champion=champion))
-                continue
-            gates = evaluate_gates(conn, task, *gated_pair(state, champion), deployment.gates)
-            failed = [g for g in gates if not g.passed]
-            waiting = _ready_to_advance(conn, task, state, deployment, now)
-            if failed:
-                decisions.append(Decision(task.name, "blocked", "gate(s) failed: " + "; ".join(g.detail for g in failed),
-                                          gates=gates, champion=champion))
-            elif waiting:
-                decisions.append(Decision(task.name, "hold", f"{state.model} stays in {state.stage}: waiting for {waiting}",
-                                          gates=gates, champion=champion))
-            else:
-                stage = NEXT_STAGE[state.stage]
-                share = deployment.rollout.partial_share if stage == "partial" else 1.0
-                decisions.append(Decision(task.name, "advance", f"{state.model} advances from {state.stage} to {stage}",
-                                          state.model, stage, share, incumbent, gates, champion))
-            continue
         if champion is None or champion == state.model:
             reason = "no model qualified; keeping the assignment" if champion is None else f"{champion} is already assigned"
             decisions.append(Decision(task.name, "keep", reason, champion=champion))
             continue
-        gates = evaluate_gates(conn, task, *gated_pair(state, champion), deployment.gates)
-        failed = [g for g in gates if not g.passed]
-        if failed:
-            decisions.append(Decision(task.name, "blocked", f"{champion} not promoted over {state.model}: "
-                                      + "; ".join(g.detail for g in failed), gates=gates, champion=champion))
+        held = cooldown_reason(conn, task, champion, deployment, now)
+        if held:
+            decisions.append(Decision(task.name, "cooldown", held, champion=champion))
+            continue
+        passed, why, gates = _gated(conn, eval_run_id, task, champion, state.model)
+        if not passed:
+            decisions.append(Decision(task.name, "blocked", f"{champion} not promoted over {state.model}: {why}",
+                                      gates=gates, champion=champion))
         else:
-            decisions.append(Decision(task.name, "promote", f"{champion} starts in shadow beside {state.model}: all gates passed",
+            decisions.append(Decision(task.name, "promote", f"{champion} starts in shadow beside {state.model}: {why}",
                                       champion, "shadow", 0.0, state.model, gates, champion))
     return decisions
 
 
+def _plan_rollout(conn, task: TaskSpec, state: AssignmentState, champion: str | None, deployment: Deployment,
+                  now: datetime, eval_run_id: str | None) -> Decision:
+    """A candidate in shadow or partial: abort (never gated), hold, or advance one stage."""
+    incumbent = state.previous_model
+    degraded = candidate_degradation(conn, task, state, deployment, now)
+    if degraded:
+        return Decision(task.name, "abort_degraded", f"rollout of {state.model} aborted: {degraded}; {incumbent} serves again",
+                        incumbent, "full", 1.0, state.model, champion=champion)
+    if champion != state.model:
+        why = f"recommendation is now {champion or 'no qualified model'}, not {state.model}"
+        return Decision(task.name, "abort_rollout", f"rollout of {state.model} stopped: {why}",
+                        incumbent, "full", 1.0, state.model, champion=champion)
+    passed, why, gates = _gated(conn, eval_run_id, task, champion, incumbent)
+    if not passed:
+        return Decision(task.name, "blocked", f"{state.model} stays in {state.stage}: {why}", gates=gates, champion=champion)
+    waiting = _ready_to_advance(conn, task, state, deployment, now)
+    if waiting:
+        return Decision(task.name, "hold", f"{state.model} stays in {state.stage}: waiting for {waiting}",
+                        gates=gates, champion=champion)
+    stage = NEXT_STAGE[state.stage]
+    share = deployment.rollout.partial_share if stage == "partial" else 1.0
+    return Decision(task.name, "advance", f"{state.model} advances from {state.stage} to {stage}",
+                    state.model, stage, share, incumbent, gates, champion)
+
+
 def apply_decisions(conn, decisions: list[Decision], tasks: list[TaskSpec], eval_run_id: str, assigned_by: str) -> None:
-    """Record gate outcomes and assignment changes; the caller wraps this in one transaction."""
+    """Record assignment changes (gate results are already in `promotion_gates`); the caller owns the transaction."""
     by_name = {t.name: t for t in tasks}
-    states = current_assignments(conn)
     for d in decisions:
-        for g in d.gates:
-            conn.execute("INSERT INTO promotion_gates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         [eval_run_id, d.task, d.champion, states[d.task].serving if d.task in states else None, g.gate,
-                          g.passed, g.detail, g.test, g.p_value, g.effect_size, _now()])
         if d.changes_assignment:
             record(conn, task=d.task, model=d.model, stage=d.stage, traffic_share=d.traffic_share,
                    previous_model=d.previous_model, pinned=False, action=d.action, reason=d.reason, assigned_by=assigned_by,
@@ -277,7 +340,8 @@ def apply_decisions(conn, decisions: list[Decision], tasks: list[TaskSpec], eval
 
 def alert_for(decision: Decision) -> Alert | None:
     kinds = {"promote": ("promotion", "info"), "advance": ("promotion", "info"), "blocked": ("gate_failed", "warning"),
-             "rollback": ("rollback", "critical"), "abort_rollout": ("rollback", "warning")}
+             "rollback": ("rollback", "critical"), "abort_degraded": ("rollback", "critical"),
+             "abort_rollout": ("rollback", "warning")}
     if decision.action not in kinds:
         return None
     kind, severity = kinds[decision.action]

@@ -72,6 +72,10 @@ CREATE TABLE IF NOT EXISTS model_task_metrics (
     p99_latency_ms DOUBLE, mean_input_tokens DOUBLE, mean_output_tokens DOUBLE, total_cost_usd DOUBLE,
     cost_per_case_usd DOUBLE, evaluated_at TIMESTAMP
 );
+-- Added later: warehouses created before them get the columns here.
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS repeats BIGINT;
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS pass_all_k DOUBLE;
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS flip_rate DOUBLE;
 CREATE TABLE IF NOT EXISTS recommendations (
     eval_run_id VARCHAR, task VARCHAR, dataset_version VARCHAR, policy VARCHAR, is_task_policy BOOLEAN,
     champion VARCHAR, runner_up VARCHAR, champion_score DOUBLE, runner_up_score DOUBLE, confidence DOUBLE,
@@ -88,10 +92,22 @@ CREATE TABLE IF NOT EXISTS model_assignments (
     assigned_at TIMESTAMP, eval_run_id VARCHAR,
     baseline_accuracy DOUBLE, baseline_success_rate DOUBLE, baseline_p95_latency_ms DOUBLE
 );
+ALTER TABLE model_assignments ADD COLUMN IF NOT EXISTS baseline_dataset_version VARCHAR;
+ALTER TABLE model_assignments ADD COLUMN IF NOT EXISTS baseline_eval_run_id VARCHAR;
 CREATE TABLE IF NOT EXISTS promotion_gates (
     eval_run_id VARCHAR, task VARCHAR, champion VARCHAR, incumbent VARCHAR, gate VARCHAR, passed BOOLEAN,
     detail VARCHAR, test VARCHAR, p_value DOUBLE, effect_size DOUBLE, checked_at TIMESTAMP
 );
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS dataset_version VARCHAR;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS n_cases BIGINT;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS estimate DOUBLE;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS ci_low DOUBLE;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS ci_high DOUBLE;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS p_adjusted DOUBLE;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS comparisons BIGINT;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS margin DOUBLE;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS alpha DOUBLE;
+ALTER TABLE promotion_gates ADD COLUMN IF NOT EXISTS detectable_difference DOUBLE;
 """
 
 # Calls applications made through the router, loaded from its append-only logs (production_log.py).

@@ -45,10 +45,13 @@ def test_metrics_match_hand_computed_figures(conn):
         ("m", "c", 0, False, None, True, 5000.0, None), ("m", "c", 1, False, "q", False, 500.0, 0.001),
     ]))
     row = compute_metrics(conn).row(0, named=True)
-    assert (row["cases"], row["calls"]) == (3, 6)
-    assert row["accuracy"] == pytest.approx(3 / 6)
-    assert (row["accuracy_low"], row["accuracy_high"]) == pytest.approx(wilson_interval(3, 6))
+    assert (row["cases"], row["calls"], row["repeats"]) == (3, 6, 2)
+    assert row["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)  # mean over cases of each case's share of right repeats
+    # The interval is over the 3 cases (successes = 1.5), not over the 6 calls.
+    assert (row["accuracy_low"], row["accuracy_high"]) == pytest.approx(wilson_interval(1.5, 3))
     assert row["correctness"] == pytest.approx(1 / 3)           # only case a right in every repeat
+    assert row["pass_all_k"] == pytest.approx(1 / 3)            # pass^k with k = 2: the same share
+    assert row["flip_rate"] == pytest.approx(1 / 3)             # case b: right once, wrong once
     assert row["consistency"] == pytest.approx(1 / 3)           # b disagrees, c has a failed call
     assert row["success_rate"] == pytest.approx(5 / 6)
     assert row["p50_latency_ms"] == pytest.approx(300.0)        # failed call's 5 s excluded
@@ -71,3 +74,57 @@ def test_groups_by_model_and_filters_by_eval_run(conn):
     assert frame["model"].to_list() == ["m1", "m2"] and frame["accuracy"].to_list() == [1.0, 0.0]
     assert compute_metrics(conn, ["other-run"]).height == 0
     assert compute_metrics(conn, ["r1"]).height == 2
+
+
+def _same_answer_every_repeat(model: str, right_cases: int, cases: int = 20, repeats: int = 3) -> list[tuple]:
+    return [(model, f"c{i:02d}", r, i < right_cases, "PASS" if i < right_cases else "FAIL", False, 100.0, 0.001)
+            for i in range(cases) for r in range(repeats)]
+
+
+def test_repeats_do_not_count_as_cases_for_the_interval(conn):
+    # Right on 14 of 20 cases, the same answer on all 3 repeats: n is 20, not 60.
+    _load(conn, _scores(_same_answer_every_repeat("m", 14)))
+    row = compute_metrics(conn).row(0, named=True)
+    low, high = row["accuracy_low"], row["accuracy_high"]
+    assert row["cases"] == 20 and row["accuracy"] == pytest.approx(0.7)
+    assert round(low, 3) == 0.481 and round(high, 3) == 0.855   # Wilson over 60 calls would say 0.575..0.801
+    assert row["flip_rate"] == 0.0 and row["pass_all_k"] == pytest.approx(0.7) and row["consistency"] == 1.0
+
+
+def test_wilson_on_cases_matches_statsmodels(conn):
+    from statsmodels.stats.proportion import proportion_confint
+
+    _load(conn, _scores(_same_answer_every_repeat("m", 14) + _same_answer_every_repeat("n", 3, cases=11, repeats=2)))
+    for row in compute_metrics(conn).iter_rows(named=True):
+        expected = proportion_confint(round(row["accuracy"] * row["cases"]), row["cases"], alpha=0.05, method="wilson")
+        assert (row["accuracy_low"], row["accuracy_high"]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_answer_that_never_parses_is_not_consistent(conn):
+    # Case a: no repeat parses (the same garbage every time). Case b: the same parsed answer twice.
+    _load(conn, _scores([("m", "a", 0, False, None, False, 10.0, 0.0), ("m", "a", 1, False, None, False, 10.0, 0.0),
+                         ("m", "b", 0, True, "x", False, 10.0, 0.0), ("m", "b", 1, True, "x", False, 10.0, 0.0)]))
+    row = compute_metrics(conn).row(0, named=True)
+    assert row["consistency"] == pytest.approx(0.5) and row["flip_rate"] == 0.0
+
+
+def test_renumbering_or_shuffling_repeats_changes_no_figure(conn):
+    import random
+
+    rng = random.Random(7)
+    rows = []
+    for i in range(15):  # mixed outcomes within cases, so the repeat numbers carry no information
+        outcomes = [rng.random() < 0.6 for _ in range(3)]
+        rows += [("m", f"c{i}", r, ok, "PASS" if ok else "FAIL", False, 100.0 + 10 * r + i, 0.001)
+                 for r, ok in enumerate(outcomes)]
+    shuffled = []
+    for i in range(15):
+        case_rows = [r for r in rows if r[1] == f"c{i}"]
+        numbers = rng.sample([5, 9, 12], 3)  # renumbered and permuted
+        shuffled += [(m, c, numbers[k], *rest) for k, (m, c, _, *rest) in enumerate(case_rows)]
+    _load(conn, _scores(rows))
+    before = compute_metrics(conn).drop("evaluated_at")
+    conn.execute("DELETE FROM scores")
+    _load(conn, _scores(shuffled))
+    after = compute_metrics(conn).drop("evaluated_at")
+    assert before.equals(after)

@@ -25,7 +25,7 @@ def promote(project: Project, eval_run_id: str, log: Log, assigned_by: str = "pi
     with warehouse.write_connection(project.paths.warehouse_file) as conn:
         with warehouse.transaction(conn):
             initial = ensure_initial_assignments(conn, deployment, project.registry, tasks)
-            decisions = plan_promotions(conn, tasks, newest_champions(conn, tasks), deployment)
+            decisions = plan_promotions(conn, tasks, newest_champions(conn, tasks), deployment, eval_run_id=eval_run_id)
             apply_decisions(conn, decisions, tasks, eval_run_id, assigned_by)
         publish_assignments(project, conn)
     if initial:

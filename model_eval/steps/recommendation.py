@@ -1,5 +1,6 @@
-"""Steps `model_task_metrics` and `recommendations`: figures per (eval run, model, task), then a
-champion and runner-up per task under every policy."""
+"""Steps `model_task_metrics`, `recommendations` and the promotion gates checked on them: figures per
+(eval run, model, task), a champion and runner-up per task under every policy, then every task's gates
+evaluated once and recorded."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 import polars as pl
 
 from model_eval import warehouse
-from model_eval.metrics import LATEST_METRICS_SQL, compute_metrics
-from model_eval.policies import recommend, registered_policies
+from model_eval.gate_evaluation import TaskGates, evaluate_all_tasks, record_all
+from model_eval.metrics import LATEST_METRICS_SQL, case_accuracies, compute_metrics
+from model_eval.policies import Anchors, recommend, registered_policies
 from model_eval.project import Project
 from model_eval.steps._common import Log, utc_now
 
@@ -31,17 +33,26 @@ def refresh_metrics(project: Project, log: Log) -> pl.DataFrame:
 def recommend_tasks(project: Project, eval_run_id: str, log: Log, model_names: list[str] | None = None) -> pl.DataFrame:
     """Champion and runner-up per task and policy, from each enabled model's newest metrics on the current version."""
     eligible = set(model_names) if model_names else {m.name for m in project.registry.models if m.enabled}
+    rows = []
     with warehouse.read_connection(project.paths.warehouse_file) as conn:
         latest = conn.sql(LATEST_METRICS_SQL).pl()
-    rows = []
+        candidates_by_task, per_case_by_task = {}, {}
+        for task in project.tasks:
+            candidates_by_task[task.name] = candidates = latest.filter(
+                (pl.col("task") == task.name) & (pl.col("dataset_version") == task.dataset_version)
+                & pl.col("model").is_in(sorted(eligible)))
+            # Per-case accuracies make the runner-up comparison paired over the cases both answered.
+            per_case_by_task[task.name] = {
+                r["model"]: case_accuracies(conn, r["model"], task.name, task.dataset_version, r["eval_run_id"])
+                for r in candidates.iter_rows(named=True)}
     for task in project.tasks:
-        candidates = latest.filter((pl.col("task") == task.name) & (pl.col("dataset_version") == task.dataset_version)
-                                   & pl.col("model").is_in(sorted(eligible)))
+        candidates, per_case = candidates_by_task[task.name], per_case_by_task[task.name]
         if candidates.is_empty():
             log.warning(f"task {task.name}: no evaluated model on version {task.dataset_version}; no recommendation")
+        anchors = Anchors(task.latency_target_ms, task.budget_per_case_usd)
         for policy in registered_policies():
             result = recommend(candidates.rename({"cost_per_case_usd": "cost_per_case"}),
-                               policy, task.qualification_threshold)
+                               policy, task.qualification_threshold, anchors, per_case)
             rows.append({
                 "eval_run_id": eval_run_id, "task": task.name, "dataset_version": task.dataset_version, "policy": policy,
                 "is_task_policy": policy == task.policy, "champion": result.champion, "runner_up": result.runner_up,
@@ -55,3 +66,12 @@ def recommend_tasks(project: Project, eval_run_id: str, log: Log, model_names: l
     with warehouse.write_connection(project.paths.warehouse_file) as conn:
         warehouse.replace_slice(conn, "recommendations", frame, {"eval_run_id": eval_run_id})
     return frame
+
+
+def check_gates(project: Project, eval_run_id: str) -> list[TaskGates]:
+    """Evaluate every task's promotion gates once and record every result in `promotion_gates`."""
+    with warehouse.write_connection(project.paths.warehouse_file) as conn:
+        with warehouse.transaction(conn):
+            evaluated = evaluate_all_tasks(conn, list(project.tasks), project.deployment)
+            record_all(conn, eval_run_id, evaluated)
+    return evaluated

@@ -8,7 +8,8 @@ from model_eval.warehouse import read_connection
 
 
 @dg.asset(group_name="recommendation", deps=["scores"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
-          description="Per (eval run, model, task): accuracy with 95% CI, correctness, consistency, latency percentiles, tokens, cost.")
+          description="Per (eval run, model, task): accuracy over cases with a 95% Wilson interval (n = cases), pass^k, "
+                      "flip rate, consistency, latency percentiles, tokens, cost.")
 def model_task_metrics(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
     metrics = refresh_metrics(model_eval.project(), context.log)
     return dg.MaterializeResult(metadata={"dagster/row_count": metrics.height,
@@ -20,14 +21,15 @@ def leaderboard_markdown(board: pl.DataFrame, champions: dict[str, tuple[str | N
     for task in sorted(board["task"].unique().to_list()):
         champion, runner_up, policy = champions.get(task, (None, None, "?"))
         lines += [f"### {task} (policy `{policy}`): champion **{champion or 'none qualified'}**, runner-up {runner_up or '-'}", "",
-                  "| model | accuracy (95% CI) | correctness | consistency | success | p50 ms | p95 ms | cost/case |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | n cases | accuracy (95% CI over cases) | pass^k | flip rate | consistency | success | p50 ms | p95 ms | cost/case |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in board.filter(pl.col("task") == task).iter_rows(named=True):
             cost = "unknown" if r["cost_per_case_usd"] is None else f"${r['cost_per_case_usd']:.6f}"
             p50 = "-" if r["p50_latency_ms"] is None else f"{r['p50_latency_ms']:.0f}"
             p95 = "-" if r["p95_latency_ms"] is None else f"{r['p95_latency_ms']:.0f}"
-            lines.append(f"| {r['model']} | {r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f}) | "
-                         f"{r['correctness']:.2f} | {r['consistency']:.2f} | {r['success_rate']:.2f} | {p50} | {p95} | {cost} |")
+            lines.append(f"| {r['model']} | {r['cases']} | {r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f}) | "
+                         f"{r['pass_all_k']:.2f} (k={r['repeats']}) | {r['flip_rate']:.2f} | {r['consistency']:.2f} | "
+                         f"{r['success_rate']:.2f} | {p50} | {p95} | {cost} |")
         lines.append("")
     return "\n".join(lines)
 

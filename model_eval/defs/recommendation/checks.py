@@ -1,58 +1,60 @@
-"""Blocking asset checks on `recommendations`: the promotion gates, visible in the UI.
+"""The promotion gates as asset checks on `recommendations`: evaluated once per run, reported per task.
 
-A failed check stops `model_assignments` in the same run. The promotion step evaluates the same
-gates again itself, so a gate keeps blocking when promotion runs on its own later.
+One step evaluates every gate for every task and records each result in `promotion_gates`; each gate
+is then reported as its own check. The checks are blocking, so `model_assignments` waits for them
+(and does not run if the step itself crashes), but a gate that fails for some task is reported with
+WARN severity: downstream still runs and acts only on the tasks whose gates all passed.
 """
+
+from collections.abc import Iterator
 
 import dagster as dg
 
-from model_eval.alerts import Alert, send_alert
-from model_eval.defs.resources import ModelEvalResource
-from model_eval.gates import GATE_NAMES, evaluate_gates
-from model_eval.promotion import effective_assignments, gated_pair, newest_champions
-from model_eval.warehouse import read_connection
+from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
+from model_eval.gates import GATE_NAMES
+from model_eval.steps.recommendation import check_gates
 
 GATE_DESCRIPTIONS = {
-    "threshold": "The champion meets the task's qualification threshold on the current golden version.",
+    "threshold": "The champion's accuracy over cases meets the task's qualification threshold on the current golden version.",
     "sample_size": "The evaluation is big enough (minimum cases and repeats) and the golden set passed validation.",
-    "not_worse": "The champion is not significantly worse than the assigned model on the same cases (McNemar / paired bootstrap).",
+    "non_inferiority": "The champion is at most gates.non_inferiority_margin less accurate than the assigned model: "
+                       "one-sided paired test over cases, Holm-corrected across challengers.",
     "costs_known": "The champion's cost is known: no missing prices, no undeclared zero prices.",
 }
 
 
-def _gate_check(gate: str) -> dg.AssetChecksDefinition:
-    @dg.asset_check(asset="recommendations", name=f"gate_{gate}", blocking=True, description=GATE_DESCRIPTIONS[gate])
-    def check(model_eval: ModelEvalResource) -> dg.AssetCheckResult:
-        project = model_eval.project()
-        deployment, tasks = project.deployment, list(project.tasks)
-        rows, failed = [], []
-        with read_connection(project.paths.warehouse_file) as conn:
-            states = effective_assignments(conn, deployment)
-            champions = newest_champions(conn, tasks)
-            for task in tasks:
-                pair = gated_pair(states.get(task.name), champions.get(task.name))
-                if pair is None:
-                    rows.append(f"| {task.name} | - | not applicable (nothing to promote) |")
-                    continue
-                result = next(g for g in evaluate_gates(conn, task, *pair, deployment.gates) if g.gate == gate)
-                rows.append(f"| {task.name} | {'pass' if result.passed else 'FAIL'} | {result.detail} |")
-                if not result.passed:
-                    failed.append(task.name)
-        if failed:
-            # The promotion step will not run in this run, so the alert for the blocked promotion goes from here.
-            send_alert(Alert(kind="gate_failed", title=f"promotion gate '{gate}' failed for {', '.join(failed)}",
-                             details="\n".join(r for r in rows if "FAIL" in r), severity="warning",
-                             task=failed[0] if len(failed) == 1 else None), deployment.alerts)
-        return dg.AssetCheckResult(
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
+@dg.multi_asset_check(
+    specs=[dg.AssetCheckSpec(name=f"gate_{gate}", asset="recommendations", blocking=True,
+                             description=GATE_DESCRIPTIONS[gate]) for gate in GATE_NAMES],
+    pool=WAREHOUSE_POOL,
+)
+def promotion_gates(context: dg.AssetCheckExecutionContext, model_eval: ModelEvalResource) -> Iterator[dg.AssetCheckResult]:
+    evaluated = check_gates(model_eval.project(), eval_run_id(context))
+    for gate in GATE_NAMES:
+        rows, failed, passed = [], [], []
+        for entry in evaluated:
+            result = entry.result(gate)
+            if result is None:
+                rows.append(f"| {entry.task.name} | - | - | not applicable: {_cell(entry.note)} |")
+                continue
+            (passed if result.passed else failed).append(entry.task.name)
+            n = "-" if result.n_cases is None else str(result.n_cases)
+            rows.append(f"| {entry.task.name} | {'pass' if result.passed else 'FAIL'} | {n} | {_cell(result.detail)} |")
+        yield dg.AssetCheckResult(
+            check_name=f"gate_{gate}",
             passed=not failed,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description=f"failed for: {', '.join(failed)}" if failed else "passed for every task with a promotion pending",
-            metadata={"tasks": dg.MetadataValue.md("| task | result | detail |\n|---|---|---|\n" + "\n".join(rows))},
+            # WARN, not ERROR: a failure blocks only its own task's promotion, which model_assignments enforces per task.
+            severity=dg.AssetCheckSeverity.WARN,
+            description=(f"failed for {', '.join(failed)}" if failed else "passed")
+                        + (f"; passed for {', '.join(passed)}" if failed and passed else "")
+                        + ("" if failed or passed else ": no task has a promotion pending"),
+            metadata={
+                "tasks": dg.MetadataValue.md("| task | result | n | detail |\n|---|---|---|---|\n" + "\n".join(rows)),
+                "failed_tasks": dg.MetadataValue.json(failed),
+                "passed_tasks": dg.MetadataValue.json(passed),
+            },
         )
-
-    return check
-
-
-@dg.definitions
-def gate_checks() -> dg.Definitions:
-    return dg.Definitions(asset_checks=[_gate_check(gate) for gate in GATE_NAMES])
