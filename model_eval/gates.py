@@ -176,10 +176,11 @@ def record_gate_results(conn, eval_run_id: str, task: TaskSpec, champion: str, i
 
 def recorded_gates(conn, eval_run_id: str, task: str, champion: str, incumbent: str | None) -> list[GateResult]:
     """The newest evaluation of the gates for this pair in this eval run (empty if none was recorded)."""
-    frame = conn.execute("""
+    frame = conn.sql("""
         SELECT * FROM promotion_gates
-        WHERE eval_run_id = ? AND task = ? AND champion = ? AND incumbent IS NOT DISTINCT FROM ?
-        QUALIFY checked_at = max(checked_at) OVER ()""", [eval_run_id, task, champion, incumbent]).pl()
+        WHERE eval_run_id = $run AND task = $task AND champion = $champion AND incumbent IS NOT DISTINCT FROM $incumbent
+        QUALIFY checked_at = max(checked_at) OVER ()""",
+                     params={"run": eval_run_id, "task": task, "champion": champion, "incumbent": incumbent}).pl()
     fields = GateResult.__dataclass_fields__
     return [GateResult(**{k: v for k, v in row.items() if k in fields}) for row in frame.iter_rows(named=True)]
 

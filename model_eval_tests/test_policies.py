@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from model_eval.policies import (
+    Anchors,
     get_policy,
     recommend,
     registered_policies,
@@ -41,6 +42,7 @@ def cand(
     p50: float | None = 500.0,
     cost: float | None = 0.001,
     calls: int = 30,
+    cases: int = 10,
 ) -> dict:
     return {
         "model": model,
@@ -53,7 +55,7 @@ def cand(
         "success_rate": success_rate,
         "p50_latency_ms": p50,
         "cost_per_case": cost,
-        "cases": 10,
+        "cases": cases,
         "calls": calls,
     }
 
@@ -119,61 +121,82 @@ def test_strict_with_no_perfect_model_names_best_correctness():
     assert "best correctness was 90.0% (a)" in rec.reasoning
 
 
+ANCHORS = Anchors(latency_target_ms=1000.0, budget_per_case_usd=0.002)
+
+
 def test_weighted_scores_by_hand():
     df = frame(
         cand("accurate", 0.95, p50=1000, cost=0.004),
         cand("fast", 0.85, p50=200, cost=0.003),
         cand("cheap", 0.90, p50=600, cost=0.001),
-        cand("weak", 0.50, p50=10, cost=0.0),  # below threshold: must not affect normalisation
+        cand("weak", 0.50, p50=10, cost=0.0),  # below threshold: not ranked
     )
-    rec = recommend(df, "weighted", 0.8)
-    # accuracy_norm: accurate 1, fast 0, cheap 0.5
-    # speed_norm:    accurate 0, fast 1, cheap 0.5
-    # cost_norm:     accurate 0, fast 1/3, cheap 1
+    rec = recommend(df, "weighted", 0.8, ANCHORS)
+    # accuracy: (acc - 0.8) / 0.2; speed: 1000 / (1000 + p50); cost: 0.002 / (0.002 + cost)
     expected = {
-        "accurate": 0.5,
-        "fast": 0.3 + 0.2 / 3,
-        "cheap": 0.25 + 0.15 + 0.2,
+        "accurate": 0.5 * 0.75 + 0.3 * 0.5 + 0.2 * (1 / 3),
+        "fast": 0.5 * 0.25 + 0.3 * (1000 / 1200) + 0.2 * 0.4,
+        "cheap": 0.5 * 0.5 + 0.3 * (1000 / 1600) + 0.2 * (2 / 3),
     }
-    assert rec.champion == "cheap" and rec.runner_up == "accurate"
     assert dict(rec.ranking) == pytest.approx(expected)
-    assert [m for m, _ in rec.ranking] == ["cheap", "accurate", "fast"]
+    assert [m for m, _ in rec.ranking] == ["accurate", "cheap", "fast"]
     assert "weak" not in rec.qualified
 
 
 def test_weighted_tie_is_broken_by_accuracy_and_explained():
-    # accurate: 0.5*1 + 0 + 0 = 0.5; quick: 0 + 0.3*1 + 0.2*1 = 0.5
-    df = frame(cand("quick", 0.8, p50=200, cost=0.001), cand("accurate", 0.9, p50=1000, cost=0.002))
-    rec = recommend(df, "weighted", 0.8)
+    # accurate: 0.5*0.5 + 0.3*0.5 + 0.2*0.5 = 0.5; quick: 0.5*0.2 + 0.3*0.8 + 0.2*0.8 = 0.5
+    df = frame(cand("quick", 0.84, p50=250, cost=0.00025), cand("accurate", 0.9, p50=1000, cost=0.001))
+    rec = recommend(df, "weighted", 0.8, Anchors(1000.0, 0.001))
     assert rec.champion_score == pytest.approx(rec.runner_up_score)
     assert rec.champion == "accurate"
-    assert "tie was broken by higher accuracy (90.0% vs 80.0%)" in rec.reasoning
+    assert "tie was broken by higher accuracy (90.0% vs 84.0%)" in rec.reasoning
 
 
 def test_weighted_unknown_cost_counts_as_zero_and_is_mentioned():
     df = frame(cand("known", 0.9, p50=500, cost=0.002), cand("mystery", 0.9, p50=500, cost=None))
-    rec = recommend(df, "weighted", 0.8)
-    # identical except cost: known gets the full cost component, mystery 0
-    assert dict(rec.ranking) == pytest.approx({"known": 1.0, "mystery": 0.8})
+    rec = recommend(df, "weighted", 0.8, Anchors(1000.0, 0.001))
+    scores = dict(rec.ranking)
+    # identical except cost: known gets 0.2 x 0.001/0.003 for cost, mystery nothing
+    assert scores["known"] - scores["mystery"] == pytest.approx(0.2 / 3)
     assert rec.champion == "known"
     assert "unknown for mystery" in rec.reasoning and "counts as 0" in rec.reasoning
     assert "cost unknown" in rec.reasoning  # in the runner-up's figures
 
 
-def test_all_equal_candidates_normalise_to_one():
+def test_identical_candidates_tie_and_fall_back_to_the_name():
     df = frame(cand("b"), cand("a"))
     for policy in ("weighted", "balanced"):
         rec = recommend(df, policy, 0.8)
-        assert dict(rec.ranking) == pytest.approx({"a": 1.0, "b": 1.0})
+        scores = dict(rec.ranking)
+        assert scores["a"] == scores["b"]
         assert rec.champion == "a"  # last resort: model name
         assert "model name" in rec.reasoning
 
 
 def test_balanced_uses_equal_thirds():
     df = frame(cand("accurate", 0.95, p50=1000, cost=0.004), cand("fast_cheap", 0.85, p50=200, cost=0.001))
-    rec = recommend(df, "balanced", 0.8)
+    rec = recommend(df, "balanced", 0.8, ANCHORS)
     assert rec.champion == "fast_cheap"
-    assert dict(rec.ranking) == pytest.approx({"fast_cheap": 2 / 3, "accurate": 1 / 3})
+    assert dict(rec.ranking) == pytest.approx({"fast_cheap": (0.25 + 1000 / 1200 + 2 / 3) / 3,
+                                               "accurate": (0.75 + 0.5 + 1 / 3) / 3})
+
+
+def test_a_weak_model_joining_does_not_change_the_winner():
+    # The example: A (95%, slow) beats B (90%, fast); D (80%, fast) joins. Min-max normalisation
+    # across candidates used to hand the win to B; fixed anchors keep every score where it was.
+    a, b, d = cand("A", 0.95, p50=1500), cand("B", 0.90, p50=300), cand("D", 0.80, p50=300)
+    for policy in ("weighted", "balanced"):
+        two = recommend(frame(a, b), policy, 0.8, ANCHORS)
+        three = recommend(frame(a, b, d), policy, 0.8, ANCHORS)
+        assert two.champion == three.champion
+        assert dict(three.ranking)["A"] == dict(two.ranking)["A"]
+
+
+def test_anchors_must_be_positive():
+    with pytest.raises(ValueError, match="latency_target_ms"):
+        Anchors(latency_target_ms=0)
+    with pytest.raises(ValueError, match="budget_per_case_usd"):
+        Anchors(budget_per_case_usd=-1.0)
 
 
 def test_speed_picks_lowest_latency_among_qualifiers():
@@ -272,20 +295,32 @@ def test_tie_on_quality_is_broken_by_latency():
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
 def test_single_candidate_has_no_runner_up(policy):
-    rec = recommend(frame(cand("only", 1.0, p50=420, cost=0.0005, calls=20)), policy, 0.8)
+    rec = recommend(frame(cand("only", 1.0, p50=420, cost=0.0005, calls=60, cases=20)), policy, 0.8)
     assert rec.champion == "only" and rec.runner_up is None and rec.runner_up_score is None
     assert rec.qualified == ["only"]
-    assert rec.confidence == pytest.approx(prob_at_least(1.0, 20, 0.8))
+    assert rec.confidence == pytest.approx(prob_at_least(1.0, 20, 0.8))  # over the 20 cases, not the 60 calls
     assert "only one of 1 candidate" in rec.reasoning
-    # figures named in the reasoning
-    assert "accuracy 100.0% (95% CI 90.0%-100.0%)" in rec.reasoning
+    # figures named in the reasoning, with n beside them
+    assert "accuracy 100.0% over n=20 cases (95% CI 90.0%-100.0%)" in rec.reasoning
     assert "p50 420 ms" in rec.reasoning and "$0.000500 per case" in rec.reasoning
 
 
-def test_confidence_with_runner_up_compares_accuracy_over_calls():
-    rec = recommend(frame(cand("a", 0.95, calls=40), cand("b", 0.85, calls=20)), "quality", 0.8)
+def test_confidence_without_per_case_results_is_unpaired_over_cases():
+    rec = recommend(frame(cand("a", 0.95, calls=120, cases=40), cand("b", 0.85, calls=60, cases=20)), "quality", 0.8)
     assert rec.confidence == pytest.approx(prob_a_beats_b(0.95, 40, 0.85, 20))
-    assert f"probability a is truly more accurate: {rec.confidence:.2f}" in rec.reasoning
+    assert f"confidence a is truly more accurate: {rec.confidence:.2f} (unpaired, over 40 and 20 cases)" in rec.reasoning
+
+
+def test_confidence_with_per_case_results_is_paired():
+    from scipy import stats as sps
+
+    # Both right on 16 cases; a alone right on 3, b alone on 1: paired, the shared cases add no noise.
+    a = {f"c{i}": 1.0 if i < 19 else 0.0 for i in range(20)}
+    b = {f"c{i}": 1.0 if i < 16 or i == 19 else 0.0 for i in range(20)}
+    rec = recommend(frame(cand("a", 0.95, cases=20), cand("b", 0.85, cases=20)), "quality", 0.8, case_accuracy={"a": a, "b": b})
+    differences = [a[c] - b[c] for c in sorted(a)] + [1.0, -1.0]
+    assert rec.confidence == pytest.approx(1 - sps.ttest_1samp(differences, 0, alternative="greater").pvalue)
+    assert "paired over the 20 cases both answered" in rec.reasoning
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
@@ -328,3 +363,39 @@ def test_null_latency_is_shown_not_crashed_on():
 def test_empty_frame_has_no_champion():
     rec = recommend(pl.DataFrame(schema=SCHEMA), "weighted", 0.8)
     assert rec.champion is None and "No candidates" in rec.reasoning
+
+
+# --------------------------------------------------------------------------
+# Independence of irrelevant alternatives
+# --------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def candidate_rows(draw, name: str) -> dict:
+    return cand(
+        name,
+        draw(st.sampled_from([0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0])),
+        correctness=draw(st.sampled_from([0.6, 0.8, 1.0])),
+        consistency=draw(st.sampled_from([0.5, 0.9, 1.0])),
+        success_rate=draw(st.sampled_from([0.0, 0.9, 1.0])),
+        p50=draw(st.one_of(st.none(), st.floats(1, 20_000))),
+        cost=draw(st.one_of(st.none(), st.just(0.0), st.floats(1e-6, 0.05))),
+        cases=20,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), size=st.integers(1, 5), policy=st.sampled_from(ALL_POLICIES))
+def test_a_model_that_does_not_win_never_changes_the_champion(data, size, policy):
+    rows = [data.draw(candidate_rows(f"m{i}")) for i in range(size)]
+    extra = data.draw(candidate_rows("extra"))
+    anchors = Anchors(data.draw(st.floats(100, 5000)), data.draw(st.floats(1e-5, 0.01)))
+    without = recommend(frame(*rows), policy, 0.8, anchors)
+    with_extra = recommend(frame(*rows, extra), policy, 0.8, anchors)
+    if with_extra.champion != "extra":
+        # Adding (or, read backwards, removing) a model that does not win leaves the champion where it was.
+        assert with_extra.champion == without.champion
+        others = {m: score for m, score in with_extra.ranking if m != "extra"}
+        assert others == dict(without.ranking)
