@@ -121,41 +121,34 @@ def test_missing_incumbent_results_fail_and_no_incumbent_passes(wh):
     assert _gate(evaluate_gates(wh.conn, task, "new", None, GATES), "non_inferiority").passed
 
 
-def test_holm_corrects_the_champion_for_having_been_picked_among_challengers(wh):
+def _alone_and_in_family(wh, others: dict[str, int]):
+    """The champion (28/30) against the incumbent (24/30), tested alone and among `others` (name -> right cases)."""
     task = make_task()
     wh.golden(task, 30)
     wh.model("inc")
     wh.evaluate(task, "inc", "e0", outcomes(24, 30))
-    # The champion's raw test passes narrowly; two other challengers competed on the same cases.
     wh.evaluate(task, "new", "e1", outcomes(28, 30))
-    wh.evaluate(task, "other1", "e1", outcomes(26, 30))
-    wh.evaluate(task, "other2", "e1", outcomes(25, 30))
+    for name, right in others.items():
+        wh.evaluate(task, name, "e1", outcomes(right, 30))
     alone = _gate(evaluate_gates(wh.conn, task, "new", "inc", GATES), "non_inferiority")
-    family = _gate(evaluate_gates(wh.conn, task, "new", "inc", GATES, challengers=["new", "other1", "other2"]),
-                   "non_inferiority")
+    family = _gate(evaluate_gates(wh.conn, task, "new", "inc", GATES, challengers=["new", *others]), "non_inferiority")
+    raw = [_gate(evaluate_gates(wh.conn, task, name, "inc", GATES), "non_inferiority").p_value for name in ("new", *others)]
+    return alone, family, raw
+
+
+def test_holm_corrects_the_champion_for_having_been_picked_among_challengers(wh):
+    alone, family, raw = _alone_and_in_family(wh, {"other1": 26, "other2": 25})
     assert alone.comparisons == 1 and alone.p_adjusted == pytest.approx(alone.p_value)
     assert family.comparisons == 3 and family.p_value == pytest.approx(alone.p_value)
-    raw = {name: _gate(evaluate_gates(wh.conn, task, name, "inc", GATES), "non_inferiority").p_value
-           for name in ("new", "other1", "other2")}
-    assert family.p_adjusted == pytest.approx(holm_adjust(list(raw.values()))[0])
-    assert family.p_adjusted > family.p_value
+    assert family.p_adjusted == pytest.approx(holm_adjust(raw)[0]) and family.p_adjusted > family.p_value
     assert family.passed is (family.p_adjusted < 0.05)
     assert "Holm across 3 challengers" in family.detail
 
 
 def test_holm_can_block_what_a_single_test_would_pass(wh):
-    task = make_task()
-    wh.golden(task, 30)
-    wh.model("inc")
-    wh.evaluate(task, "inc", "e0", outcomes(24, 30))
-    wh.evaluate(task, "new", "e1", outcomes(28, 30))
-    for i in range(4):
-        wh.evaluate(task, f"weak{i}", "e1", outcomes(20, 30))   # worse than the incumbent: their p-values are near 1
-    alone = _gate(evaluate_gates(wh.conn, task, "new", "inc", GATES), "non_inferiority")
-    family = _gate(evaluate_gates(wh.conn, task, "new", "inc", GATES, challengers=["new", "weak0", "weak1", "weak2", "weak3"]),
-                   "non_inferiority")
-    # Holm multiplies the smallest p-value by the family size (5).
-    assert family.p_adjusted == pytest.approx(min(1.0, 5 * alone.p_value))
+    # Four weak challengers (worse than the incumbent) still count: the champion was picked among five.
+    alone, family, _ = _alone_and_in_family(wh, {f"weak{i}": 20 for i in range(4)})
+    assert family.p_adjusted == pytest.approx(min(1.0, 5 * alone.p_value))   # the smallest p-value times 5
     assert 0.01 < alone.p_value < 0.05 and alone.passed and not family.passed
 
 
