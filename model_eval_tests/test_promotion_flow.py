@@ -1,4 +1,4 @@
-"""Promotion through real Dagster runs: blocking gate checks, staged rollout, automatic rollback, alerts.
+"""Promotion through real Dagster runs: gate checks, staged rollout, automatic rollback, alerts.
 
 Models are served by the scripted local OpenAI-compatible server (a test double for hosted
 providers): `always-pass` answers PASS to everything; the `oracle` models answer each grading case
@@ -67,7 +67,9 @@ def setup(tmp_path, monkeypatch):
         deployment = tmp_path / "deployment.yaml"
         deployment.write_text(yaml.safe_dump({
             "initial_assignments": {"grading": "always-pass"},
-            "rollout": {"partial_share": 0.25},
+            # Three evaluations run back to back within seconds and no application logs calls, so the stage
+            # rules that need hours and production calls are off here; test_rollout.py covers them.
+            "rollout": {"partial_share": 0.25, "min_hours_in_stage": 0, "min_production_calls": 0},
             "alerts": {"log_file": str(tmp_path / "alerts.log"), "webhook_url_env": "TEST_ALERT_WEBHOOK",
                        "smtp": {"host": "127.0.0.1", "port": smtp.port, "sender": "me@example.org",
                                 "recipients": ["team@example.org"]}},
@@ -96,27 +98,31 @@ def check_results(setup, run_id):
                       and r.event_log_entry.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION")}
 
 
-def test_failing_gate_blocks_promotion_in_the_run_and_across_runs(setup):
+def test_a_failing_gate_holds_the_task_back_is_recorded_and_is_not_a_failed_run(setup):
     outcome = evaluate(setup)
     assert state(setup).model == "always-pass" and state(setup).stage == "full"
     with warehouse.read_connection(setup["paths"].warehouse_file) as conn:
         champion = conn.sql("SELECT champion FROM recommendations WHERE task = 'grading' AND is_task_policy").fetchall()
-        gates = conn.sql("SELECT gate, passed, detail FROM promotion_gates").fetchall()
+        gates = dict(conn.sql("SELECT gate, passed FROM promotion_gates").fetchall())
+        blocked = conn.sql("SELECT detail FROM promotion_gates WHERE gate = 'costs_known' AND NOT passed").fetchall()
+        last = conn.sql("SELECT action FROM model_assignments ORDER BY seq DESC LIMIT 1").fetchall()
     assert champion == [("oracle",)]
-    # The unpriced oracle's cost is unknown: the blocking check fails and promotion is skipped in the same run.
+    # The unpriced oracle's cost is unknown: the gate fails for grading (a WARN check), the run succeeds,
+    # and model_assignments runs, recording nothing for grading but the initial assignment.
     runs = setup["instance"].get_runs(filters=dg.RunsFilter(job_name="recommend"))
+    assert runs[0].status == dg.DagsterRunStatus.SUCCESS
     checks = check_results(setup, runs[0].run_id)
     assert checks["gate_costs_known"] is False and checks["gate_threshold"] is True
-    assert outcome.error is None and "gate_costs_known" in outcome.blocked and "grading" in outcome.blocked
-    assert gates == []  # model_assignments never ran, so it recorded nothing
-    # Run promotion on its own later: the gate still blocks (it is evaluated again, not remembered from the check).
+    assert outcome.ok and outcome.blocked == "gate_costs_known (failed for grading)"
+    assert gates == {"threshold": True, "sample_size": True, "non_inferiority": True, "costs_known": False}
+    assert blocked and "no known price" in blocked[0][0] and last == [("initial",)]
+    # Promotion materialized alone (no gate checks in its run) finds no gate rows for its run: blocked, not promoted.
     DEFINITIONS.resolve_job_def("recommend").execute_in_process(
         instance=setup["instance"], asset_selection=[dg.AssetKey("model_assignments")], raise_on_error=False)
     assert state(setup).model == "always-pass"
-    with warehouse.read_connection(setup["paths"].warehouse_file) as conn:
-        blocked = conn.sql("SELECT detail FROM promotion_gates WHERE gate = 'costs_known' AND NOT passed").fetchall()
-    assert blocked and "no known price" in blocked[0][0]
-    assert any("gate_failed" in line for line in (setup["tmp"] / "alerts.log").read_text().splitlines())
+    alerts = [json.loads(line) for line in (setup["tmp"] / "alerts.log").read_text().splitlines()]
+    assert [a["kind"] for a in alerts] == ["gate_failed", "gate_failed"]
+    assert "no recorded result" in alerts[-1]["details"]
 
 
 def _set_oracle_price(setup):
@@ -188,7 +194,7 @@ def test_degradation_seen_in_logged_production_calls_rolls_back(setup):
     # An application routes its requests and logs them; most calls to the oracle now fail.
     router = Router(setup["paths"].snapshot_file)
     calls = CallLog(setup["paths"].call_log_dir)
-    for i in range(40):
+    for i in range(120):  # above degradation.min_production_calls (100): fewer would not be judged
         decision = router.route("grading", f"request-{i}")
         calls.record(decision, decision.primary.model, latency_ms=20.0, input_tokens=100, output_tokens=2,
                      success=i % 4 == 0, error=None if i % 4 == 0 else "upstream 503", role="primary")
@@ -200,5 +206,5 @@ def test_degradation_seen_in_logged_production_calls_rolls_back(setup):
     with warehouse.read_connection(setup["paths"].warehouse_file) as conn:
         reason = conn.sql("SELECT reason FROM model_assignments ORDER BY seq DESC LIMIT 1").fetchall()[0][0]
         logged = conn.sql("SELECT count(*), count(*) FILTER (WHERE success) FROM production_calls").fetchall()[0]
-    assert logged == (40, 10)
-    assert "40 logged production calls succeeded at 0.25" in reason
+    assert logged == (120, 30)
+    assert "120 logged production calls succeeded at 0.25" in reason and "binomial" in reason
