@@ -108,6 +108,8 @@ def test_too_few_cases_fails(paths, log):
     ("output_kind", "poem", ["field 'output_kind'"]),
     ("qualification_threshold", 1.5, ["field 'qualification_threshold'"]),
     ("prompt_template", "Posting: {posting", ["field 'prompt_template'", "{{"]),
+    ("latency_target_ms", 0, ["field 'latency_target_ms'", "positive number"]),
+    ("budget_per_case_usd", "cheap", ["field 'budget_per_case_usd'", "positive number"]),
 ])
 def test_bad_task_settings_name_the_field(paths, log, field, value, words):
     import yaml
@@ -127,3 +129,16 @@ def test_bad_task_settings_name_the_field(paths, log, field, value, words):
 def test_unknown_task_name_is_rejected(paths):
     with pytest.raises(GoldenSetError, match="unknown task.*summarise"):
         load_tasks(paths.golden_dir, only=["summarise"])
+
+
+def test_policy_anchors_default_and_can_be_set(paths):
+    import yaml
+
+    from model_eval.golden import load_task
+
+    task_file = paths.golden_dir / "grading" / "task.yaml"
+    assert (load_task(task_file.parent).latency_target_ms, load_task(task_file.parent).budget_per_case_usd) == (2000.0, 0.001)
+    data = yaml.safe_load(task_file.read_text())
+    task_file.write_text(yaml.safe_dump({**data, "latency_target_ms": 800, "budget_per_case_usd": 0.0002}))
+    task = load_task(task_file.parent)
+    assert (task.latency_target_ms, task.budget_per_case_usd) == (800.0, 0.0002)

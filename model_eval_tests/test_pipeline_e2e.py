@@ -149,7 +149,7 @@ def test_runs_are_in_the_dagster_instance_with_partitions_and_leaderboard(evalua
     assert set(LOCAL_MODELS) <= set(instance.get_dynamic_partitions("models"))
     record = instance.fetch_materializations(dg.AssetKey("recommendations"), limit=1).records[0]
     board = record.asset_materialization.metadata["leaderboard"].value
-    assert "| model | accuracy (95% CI)" in board and "smollm2-135m" in board and "gemma3-270m" in board
+    assert "| model | n cases | accuracy (95% CI over cases) |" in board and "smollm2-135m" in board and "gemma3-270m" in board
 
 
 def test_the_run_stopped_the_server_it_started(evaluated):
