@@ -49,9 +49,12 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
           description="Each result scored by its task's registered scorer.")
 def scores(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
     frame = score_model(model_eval.project(), context.partition_key, eval_run_id(context), context.log)
-    per_task = frame.group_by("task").agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("calls")).sort("task")
+    # Accuracy over cases (each case's share of right repeats), with n = cases beside it.
+    per_case = frame.group_by("task", "case_id").agg(pl.col("correct").mean().alias("case_accuracy"))
+    per_task = per_case.group_by("task").agg(pl.col("case_accuracy").mean().alias("accuracy"), pl.len().alias("cases")).sort("task")
     return dg.MaterializeResult(metadata={
         "dagster/row_count": frame.height,
-        "accuracy_by_task": dg.MetadataValue.json({r["task"]: round(r["accuracy"], 4) for r in per_task.iter_rows(named=True)}),
+        "accuracy_by_task": dg.MetadataValue.json({r["task"]: {"accuracy": round(r["accuracy"], 4), "n_cases": r["cases"]}
+                                                   for r in per_task.iter_rows(named=True)}),
         "unparseable": int(frame.filter(~pl.col("call_failed") & pl.col("parsed").is_null()).height),
     })
