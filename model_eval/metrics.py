@@ -87,6 +87,25 @@ def case_accuracies(conn: duckdb.DuckDBPyConnection, model: str, task: str, data
                              [model, task, dataset_version, eval_run_id]).fetchall())
 
 
+def case_accuracies_of(conn: duckdb.DuckDBPyConnection, evaluations: pl.DataFrame) -> dict[tuple[str, str], dict[str, float]]:
+    """`case_accuracies` for many evaluations in one scan: (task, model) -> case -> share of right repeats.
+
+    `evaluations` has one row per (eval_run_id, model, task, dataset_version) wanted."""
+    if evaluations.is_empty():
+        return {}
+    conn.register("wanted_evaluations", evaluations.select("eval_run_id", "model", "task", "dataset_version").to_arrow())
+    try:
+        rows = conn.execute("""
+            SELECT s.task, s.model, s.case_id, avg(s.correct::DOUBLE) FROM scores s
+            JOIN wanted_evaluations USING (eval_run_id, model, task, dataset_version) GROUP BY ALL""").fetchall()
+    finally:
+        conn.unregister("wanted_evaluations")
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for task, model, case, accuracy in rows:
+        table.setdefault((task, model), {})[case] = accuracy
+    return table
+
+
 def paired_differences(first: dict[str, float], second: dict[str, float]) -> list[float]:
     """first - second on the cases both answered, in case order (so the result never depends on row order)."""
     return [first[case] - second[case] for case in sorted(first.keys() & second.keys())]

@@ -128,3 +128,17 @@ def test_renumbering_or_shuffling_repeats_changes_no_figure(conn):
     _load(conn, _scores(shuffled))
     after = compute_metrics(conn).drop("evaluated_at")
     assert before.equals(after)
+
+
+def test_case_accuracies_for_many_evaluations_in_one_scan_match_one_by_one(conn):
+    from model_eval.metrics import case_accuracies, case_accuracies_of
+
+    _load(conn, _scores(_same_answer_every_repeat("m", 14) + _same_answer_every_repeat("n", 3, cases=11, repeats=2)
+                        + [("n", "c00", 2, False, "FAIL", False, 100.0, 0.001)]))
+    wanted = compute_metrics(conn)
+    table = case_accuracies_of(conn, wanted)
+    for row in wanted.iter_rows(named=True):
+        assert table[(row["task"], row["model"])] == case_accuracies(conn, row["model"], row["task"], row["dataset_version"],
+                                                                      row["eval_run_id"])
+    assert table[("t", "n")]["c00"] == pytest.approx(2 / 3)
+    assert case_accuracies_of(conn, wanted.clear()) == {}

@@ -10,7 +10,7 @@ import polars as pl
 
 from model_eval import warehouse
 from model_eval.gate_evaluation import TaskGates, evaluate_all_tasks, record_all
-from model_eval.metrics import LATEST_METRICS_SQL, case_accuracies, compute_metrics
+from model_eval.metrics import LATEST_METRICS_SQL, case_accuracies_of, compute_metrics
 from model_eval.policies import Anchors, recommend, registered_policies
 from model_eval.project import Project
 from model_eval.steps._common import Log, utc_now
@@ -36,23 +36,20 @@ def recommend_tasks(project: Project, eval_run_id: str, log: Log, model_names: l
     rows = []
     with warehouse.read_connection(project.paths.warehouse_file) as conn:
         latest = conn.sql(LATEST_METRICS_SQL).pl()
-        candidates_by_task, per_case_by_task = {}, {}
-        for task in project.tasks:
-            candidates_by_task[task.name] = candidates = latest.filter(
-                (pl.col("task") == task.name) & (pl.col("dataset_version") == task.dataset_version)
-                & pl.col("model").is_in(sorted(eligible)))
-            # Per-case accuracies make the runner-up comparison paired over the cases both answered.
-            per_case_by_task[task.name] = {
-                r["model"]: case_accuracies(conn, r["model"], task.name, task.dataset_version, r["eval_run_id"])
-                for r in candidates.iter_rows(named=True)}
+        candidates_by_task = {task.name: latest.filter(
+            (pl.col("task") == task.name) & (pl.col("dataset_version") == task.dataset_version)
+            & pl.col("model").is_in(sorted(eligible))) for task in project.tasks}
+        # Per-case accuracies make the runner-up comparison paired over the cases both answered.
+        per_case = case_accuracies_of(conn, pl.concat(list(candidates_by_task.values())) if project.tasks else latest.clear())
     for task in project.tasks:
-        candidates, per_case = candidates_by_task[task.name], per_case_by_task[task.name]
+        candidates = candidates_by_task[task.name]
         if candidates.is_empty():
             log.warning(f"task {task.name}: no evaluated model on version {task.dataset_version}; no recommendation")
         anchors = Anchors(task.latency_target_ms, task.budget_per_case_usd)
+        task_cases = {model: cases for (name, model), cases in per_case.items() if name == task.name}
         for policy in registered_policies():
             result = recommend(candidates.rename({"cost_per_case_usd": "cost_per_case"}),
-                               policy, task.qualification_threshold, anchors, per_case)
+                               policy, task.qualification_threshold, anchors, task_cases)
             rows.append({
                 "eval_run_id": eval_run_id, "task": task.name, "dataset_version": task.dataset_version, "policy": policy,
                 "is_task_policy": policy == task.policy, "champion": result.champion, "runner_up": result.runner_up,
