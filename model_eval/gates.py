@@ -16,7 +16,7 @@ import duckdb
 from model_eval.deployment import Gates
 from model_eval.golden import TaskSpec
 from model_eval.metrics import case_accuracies, latest_metrics, paired_differences
-from model_eval.stats import POWER, PairedBound, holm_adjust, paired_upper_bound
+from model_eval.stats import POWER, holm_adjust, paired_upper_bound
 
 GATE_NAMES = ("threshold", "sample_size", "non_inferiority", "costs_known")
 NON_INFERIORITY_TEST = "paired_t_noninferiority_holm"
