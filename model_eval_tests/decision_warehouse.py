@@ -7,7 +7,7 @@ by the pipeline's own SQL, so the tests exercise the same path as a run.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -21,10 +21,7 @@ from model_eval.metrics import compute_metrics
 from model_eval.promotion import record
 from model_eval.scoring import SCORE_SCHEMA
 from model_eval.settings import PROJECT_ROOT
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+from model_eval.steps._common import utc_now
 
 
 def make_task(name: str = "alpha", kind: str = "verdict", version: str = "v1") -> TaskSpec:
@@ -122,18 +119,11 @@ class DecisionWarehouse:
     def production_calls(self, task: TaskSpec, model: str, *, calls: int, successes: int, latency_ms: float = 200.0,
                          failed_latency_ms: float = 30_000.0, at: datetime | None = None, role: str = "primary") -> None:
         at = at or utc_now() - timedelta(minutes=5)
-        start = self.conn.execute("SELECT count(*) FROM production_calls").fetchall()[0][0] if self._has_calls() else 0
-        from model_eval.production_log import SCHEMA
-
-        self.conn.execute(SCHEMA)
+        start = self.conn.execute("SELECT count(*) FROM production_calls").fetchall()[0][0]
         rows = [(f"call-{start + i}", at, task.name, model, role, i < successes,
                  latency_ms if i < successes else failed_latency_ms) for i in range(calls)]
         self.conn.executemany("INSERT INTO production_calls (call_id, ts, task, model, role, success, latency_ms) "
                               "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-
-    def _has_calls(self) -> bool:
-        return bool(self.conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'production_calls'")
-                    .fetchall()[0][0])
 
 
 def outcomes(right: int, cases: int = 20, repeats: int = 3) -> list[list[float]]:
