@@ -311,7 +311,6 @@ async def run_model(
         A write per call costs a synchronous SQLite commit on the event loop (it was the engine's
         largest cost in benchmarks); a run killed now loses at most that window of answers.
         """
-        nonlocal last_flush
         pending_cache.append((key, spec.name, payload))
         if len(pending_cache) >= 50 or time.monotonic() - last_flush >= 0.1:
             flush_cache()

@@ -40,10 +40,6 @@ CALL_SCHEMA = {
     "success": pl.Boolean, "error": pl.String, "rating": pl.Float64, "source_file": pl.String,
     "rated_at": pl.Datetime("us"), "extra_json": pl.String,
 }
-SUMMARY_SCHEMA = {
-    "model": pl.String, "calls": pl.Int64, "primary_calls": pl.Int64, "shadow_calls": pl.Int64,
-    "success_rate": pl.Float64, "p95_latency_ms": pl.Float64, "rated_calls": pl.Int64, "mean_rating": pl.Float64,
-}
 RATING_SCHEMA = {"call_id": pl.String, "rating": pl.Float64, "rated_at": pl.Datetime("us"), "source_file": pl.String}
 
 
@@ -215,39 +211,3 @@ def ingest_call_logs(folder: Path, conn: duckdb.DuckDBPyConnection) -> int:
                 [name, end],
             )
     return added
-
-
-def production_summary(conn: duckdb.DuckDBPyConnection, task: str, since: datetime | None = None) -> pl.DataFrame:
-    """Per model, how a task's production calls went since `since` (UTC; None = all time).
-
-    Columns: model, calls, primary_calls, shadow_calls, success_rate, p95_latency_ms (successful
-    calls only: a failure's latency says more about the timeout than the model), rated_calls,
-    mean_rating (NULL when nothing was rated). Shadow calls count towards success and latency (the
-    candidate really answered them) but users only rate primary answers. Ordered by calls, most first.
-    """
-    if since is not None and since.tzinfo is not None:
-        since = since.astimezone(UTC).replace(tzinfo=None)
-    exists = conn.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'production_calls' AND schema_name = current_schema()"
-    ).fetchall()[0][0]
-    if not exists:
-        # Nothing ingested yet: an empty summary rather than an error (and no DDL, so this also
-        # works on the read-only connections the rollback checks may use).
-        return pl.DataFrame(schema=SUMMARY_SCHEMA)
-    return conn.sql(
-        """
-        SELECT model,
-               count(*) AS calls,
-               count(*) FILTER (WHERE role = 'primary') AS primary_calls,
-               count(*) FILTER (WHERE role = 'shadow') AS shadow_calls,
-               avg(CASE WHEN success THEN 1.0 ELSE 0.0 END) AS success_rate,
-               quantile_cont(latency_ms, 0.95) FILTER (WHERE success) AS p95_latency_ms,
-               count(rating) AS rated_calls,
-               avg(rating) AS mean_rating
-        FROM production_calls
-        WHERE task = $task AND ($since IS NULL OR ts >= $since)
-        GROUP BY model
-        ORDER BY calls DESC, model
-        """,
-        params={"task": task, "since": since},
-    ).pl()

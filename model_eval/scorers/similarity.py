@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from model_eval.scorers.base import Score, Scorer, as_settings, check_fraction, register_scorer
+from model_eval.scorers.base import Score, Scorer, check_fraction, register_scorer
 
 DEFAULT_THRESHOLD = 0.8
 _TOKEN = re.compile(r"[^\W_]+")  # runs of letters/digits, any script
