@@ -180,19 +180,13 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from model_eval.supervise import run_service
+
     home = _prepare_dagster_home()
     print(f"Dagster instance: {home}")
     command = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(args.port)]
-    return _exec(command)
-
-
-def _exec(command: list[str]) -> int:
-    import subprocess
-
-    try:
-        return subprocess.call(command, cwd=PROJECT_ROOT)
-    except KeyboardInterrupt:
-        return 130
+    # SIGTERM or Ctrl-C stops dagster dev, its webserver, daemon, code server and run workers within seconds.
+    return run_service(command, cwd=PROJECT_ROOT)
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 import polars as pl
 
+from model_eval.crash_points import crash_point
 from model_eval.golden import TaskSpec
 from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache, cache_key
@@ -324,6 +325,7 @@ async def run_model(
             cache.put_many(batch)
         except Exception as exc:  # noqa: BLE001 - the answers are still recorded in the results; only resumability suffers
             log.warning("model %s: could not write %d answers to the response cache: %s", spec.name, len(batch), exc)
+        crash_point("inference.cached")
 
     async def one(req: CallRequest, hit: dict[str, Any] | None) -> None:
         if hit is not None:

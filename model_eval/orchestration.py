@@ -1,6 +1,10 @@
 """Run a whole evaluation through a Dagster instance: prepare, one run per model partition, recommend.
 
 Used by `model-eval run` and the end-to-end tests; the schedule and sensors request the same jobs.
+Before anything else it reaps runs and evaluations left behind by killed processes (run_reaper.py).
+Every run it makes carries this process's identity, so a later one can tell if it was killed. The
+evaluation is recorded as running first; the recommend run marks it complete when it admits its
+scores into the metrics, and an evaluation that stops before that is marked incomplete.
 """
 
 from __future__ import annotations
@@ -9,13 +13,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import dagster as dg
 
+from model_eval import eval_runs, warehouse
 from model_eval.defs.resources import EVAL_RUN_TAG, TRIGGER_TAG
+from model_eval.process_identity import ProcessIdentity
 from model_eval.project import Project
 from model_eval.registry import ModelSpec
+from model_eval.run_reaper import owner_tags, reap_dead_runs
 from model_eval.serving import local_models_served
 
 
@@ -68,8 +76,32 @@ def run_evaluation(
     say: Callable[[str], None] = lambda line: print(line, flush=True),
     max_cache_age_hours: float | None = None,
 ) -> EvaluationOutcome:
+    warehouse_file = project.paths.warehouse_file
+    reap_dead_runs(instance, warehouse_file, say)
     outcome = EvaluationOutcome(eval_run_id=new_eval_run_id())
-    tags = {EVAL_RUN_TAG: outcome.eval_run_id, TRIGGER_TAG: trigger}
+    tags = {EVAL_RUN_TAG: outcome.eval_run_id, TRIGGER_TAG: trigger, **owner_tags()}
+    with warehouse.write_connection(warehouse_file) as conn:
+        eval_runs.start(conn, outcome.eval_run_id, trigger, ProcessIdentity.current())
+    try:
+        _run_jobs(defs, instance, project, models, task_names, outcome, tags, log_level, say, max_cache_age_hours)
+    finally:
+        _mark_incomplete_unless_complete(warehouse_file, outcome)
+    return outcome
+
+
+def _mark_incomplete_unless_complete(warehouse_file: Path, outcome: EvaluationOutcome) -> None:
+    """An evaluation that ended without its results being admitted to metrics is incomplete, with the reason."""
+    with warehouse.read_connection(warehouse_file) as conn:
+        if eval_runs.status_of(conn, outcome.eval_run_id) != eval_runs.RUNNING:
+            return
+    reason = outcome.error or "it stopped before its results were complete"
+    with warehouse.write_connection(warehouse_file) as conn:
+        eval_runs.mark_incomplete(conn, outcome.eval_run_id, reason)
+
+
+def _run_jobs(defs: dg.Definitions, instance: dg.DagsterInstance, project: Project, models: list[ModelSpec],
+              task_names: list[str], outcome: EvaluationOutcome, tags: dict[str, str], log_level: str,
+              say: Callable[[str], None], max_cache_age_hours: float | None) -> None:
     logging_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
     def execute(job_name: str, **kwargs) -> str | None:
@@ -89,7 +121,7 @@ def run_evaluation(
 
     if error := execute("prepare", run_config=logging_config):
         outcome.error = f"prepare: {error}"
-        return outcome
+        return
     with local_models_served(project.registry, models, project.paths.warehouse_file.parent / "run"):
         for index, spec in enumerate(models, start=1):
             started = time.perf_counter()
@@ -105,7 +137,6 @@ def run_evaluation(
                 say(f"[{index}/{len(models)}] {spec.name}: done in {time.perf_counter() - started:.1f} s")
     if not outcome.succeeded:
         outcome.error = "no model was evaluated"
-        return outcome
+        return
     if error := execute("recommend", run_config=logging_config):
         outcome.error = f"recommend: {error}"
-    return outcome

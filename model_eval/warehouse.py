@@ -13,6 +13,7 @@ rows are never appended twice and a failure publishes nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -24,7 +25,10 @@ from typing import Iterator
 import duckdb
 import polars as pl
 
-from model_eval.file_lock import exclusive_lock
+from model_eval.crash_points import crash_point
+from model_eval.file_lock import describe_holder, exclusive_lock
+
+_log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -50,7 +54,8 @@ CREATE TABLE IF NOT EXISTS golden_cases (
 );
 CREATE TABLE IF NOT EXISTS eval_runs (
     eval_run_id VARCHAR PRIMARY KEY, trigger VARCHAR, started_at TIMESTAMP, updated_at TIMESTAMP,
-    models VARCHAR[], tasks VARCHAR[], calls BIGINT, cached_calls BIGINT, failed_calls BIGINT
+    models VARCHAR[], tasks VARCHAR[], calls BIGINT, cached_calls BIGINT, failed_calls BIGINT,
+    status VARCHAR, status_reason VARCHAR, owner_process VARCHAR   -- see model_eval/eval_runs.py
 );
 CREATE TABLE IF NOT EXISTS inference_results (
     eval_run_id VARCHAR, model VARCHAR, task VARCHAR, dataset_version VARCHAR, case_id VARCHAR,
@@ -124,7 +129,14 @@ CREATE TABLE IF NOT EXISTS production_pending_ratings (
 );
 """
 
-ALL_DDL = (SCHEMA, CREATE_PROMOTION_TABLES, CREATE_PRODUCTION_TABLES)
+# Columns added after a table first shipped: a warehouse created by an older version gains them here.
+MIGRATIONS = """
+ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS status VARCHAR;
+ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS status_reason VARCHAR;
+ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS owner_process VARCHAR;
+"""
+
+ALL_DDL = (SCHEMA, CREATE_PROMOTION_TABLES, CREATE_PRODUCTION_TABLES, MIGRATIONS)
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 
@@ -138,39 +150,93 @@ def working_file(public: Path) -> Path:
     return public.parent / ".writer" / public.name
 
 
+WRITE_LOCK_TIMEOUT_ENV = "MODEL_EVAL_WRITE_LOCK_TIMEOUT_S"
+DEFAULT_WRITE_LOCK_TIMEOUT_S = 600.0
+
+
+class WriterLockTimeout(TimeoutError):
+    """Gave up waiting for the warehouse writer lock; the message names the holder and how to free it."""
+
+
+def write_lock_timeout_s() -> float:
+    value = os.environ.get(WRITE_LOCK_TIMEOUT_ENV)
+    try:
+        return float(value) if value else DEFAULT_WRITE_LOCK_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{WRITE_LOCK_TIMEOUT_ENV}={value!r}: expected a number of seconds") from None
+
+
 def _publish(working: Path, public: Path) -> None:
     """Copy the working file over the public one atomically: readers see the old or the new, never a mix."""
     temporary = public.parent / f".{public.name}.{os.getpid()}.publishing"
     shutil.copyfile(working, temporary)
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
+    crash_point("warehouse.publish")
     os.replace(temporary, public)
 
 
+def _remove_abandoned_copies(public: Path) -> None:
+    """Half-copied files of writers killed while publishing (called under the lock: no one is publishing)."""
+    for leftover in public.parent.glob(f".{public.name}.*.publishing"):
+        leftover.unlink(missing_ok=True)
+
+
+def _reset_working_copy(working: Path, public: Path) -> None:
+    """Make the private copy the published file again (the public file is the truth)."""
+    for stale in (working, working.with_name(working.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    if public.exists():
+        shutil.copyfile(public, working)
+
+
 @contextmanager
-def write_connection(path: Path, lock_timeout_s: float = 300.0) -> Iterator[duckdb.DuckDBPyConnection]:
+def write_connection(path: Path, lock_timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the warehouse for writing; on success the change is published to `path` for readers.
 
     Writers work on a private copy under an exclusive lock and publish it by atomic rename, so a
     person's open read-only connection (the duckdb CLI, a notebook) never blocks a run, and never
-    sees half of a change. Use it for one short transaction.
+    sees half of a change. Use it for one short transaction. A writer killed (or failing) at any
+    moment leaves the public file as it was, and the next writer drops whatever it had not published.
+    A waiting writer says who holds the lock; it gives up after `lock_timeout_s` (default
+    $MODEL_EVAL_WRITE_LOCK_TIMEOUT_S, else 600 s) with an error naming the holder.
     """
+    timeout_s = write_lock_timeout_s() if lock_timeout_s is None else lock_timeout_s
     path.parent.mkdir(parents=True, exist_ok=True)
     working = working_file(path)
+    unpublished = working.parent / "unpublished"
     # One writer at a time across processes (parallel Dagster steps, the CLI, a person's --write).
     lock_path = working.parent / "write.lock"
-    with exclusive_lock(lock_path, lock_timeout_s, lambda: TimeoutError(
-            f"{lock_path}: another process has been writing the warehouse for {lock_timeout_s:.0f} s")):
-        if not working.exists() and path.exists():
+
+    def gave_up() -> Exception:
+        return WriterLockTimeout(
+            f"{lock_path}: gave up after {timeout_s:.0f} s waiting for the warehouse writer lock, held by "
+            f"{describe_holder(lock_path)}. If that process is stuck, stop it (kill <pid>): the lock is "
+            f"released the moment it exits. Wait longer with {WRITE_LOCK_TIMEOUT_ENV}=<seconds>.")
+
+    def waiting(waited_s: float, holder: str) -> None:
+        _log.warning("waiting for the warehouse writer lock (%.0f s so far, giving up after %.0f s), held by %s",
+                     waited_s, timeout_s, holder)
+
+    with exclusive_lock(lock_path, timeout_s, gave_up, on_wait=waiting):
+        _remove_abandoned_copies(path)
+        if unpublished.exists():
+            # The last writer died or failed before publishing: whatever it changed is dropped whole.
+            _log.warning("%s: the previous writer stopped before publishing; its unpublished change is discarded", path)
+            _reset_working_copy(working, path)
+        elif not working.exists() and path.exists():
             shutil.copyfile(path, working)  # a warehouse from before writers had a private copy
+        unpublished.touch()
         conn = duckdb.connect(str(working))
         try:
             create_tables(conn)
             yield conn
+            crash_point("warehouse.committed")
             conn.execute("CHECKPOINT")  # everything into the main file before it is copied
         finally:
             conn.close()
         _publish(working, path)
+        unpublished.unlink()
 
 
 @contextmanager

@@ -46,7 +46,7 @@ def _evaluate(paths, log, eval_run_id="run-1"):
     sync_registry(Project.load(paths), eval_run_id, log)
     stats = run_inference(Project.load(paths), "hosted-fake", eval_run_id, log, retry=FAST_RETRY)
     score_model(Project.load(paths), "hosted-fake", eval_run_id, log)
-    refresh_metrics(Project.load(paths), log)
+    refresh_metrics(Project.load(paths), log, completing=eval_run_id)  # its only model is scored: it is complete
     recommend_tasks(Project.load(paths), eval_run_id, log)
     return stats
 

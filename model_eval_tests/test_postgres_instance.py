@@ -26,7 +26,7 @@ import yaml
 
 from model_eval import warehouse
 from model_eval.definitions import defs
-from model_eval.defs.resources import EVAL_RUN_TAG, WAREHOUSE_POOL
+from model_eval.defs.resources import EVAL_RUN_TAG
 from model_eval.orchestration import run_evaluation
 from model_eval.project import Project
 from model_eval.settings import PROJECT_ROOT, ProjectPaths
@@ -71,7 +71,7 @@ def postgres():
 
 
 def project_instance_config() -> dict:
-    """The project's tracked dagster.yaml (concurrency pools, run monitoring), which a deployment
+    """The project's tracked dagster.yaml (run queue limit, run monitoring), which a deployment
     would extend with the storage block."""
     return yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text()) or {}
 
@@ -169,13 +169,6 @@ def test_the_runs_are_recorded_in_postgresql(evaluated, postgres):
     assert type(pg["instance"].run_storage).__module__.startswith("dagster_postgres")
     assert not list(pg["home"].rglob("*.db")), list(pg["home"].rglob("*.db"))
     assert {r.run_id for r in pg["instance"].get_runs()} == set(pg["outcome"].dagster_run_ids)
-
-
-def test_the_warehouse_pool_limit_is_kept_in_postgresql(postgres, evaluated):
-    # The project's `concurrency: pools: default_limit: 1` is enforced through the instance, so
-    # with PostgreSQL one limit covers every process and host that shares it.
-    limits = query(postgres, 'SELECT concurrency_key, "limit" FROM concurrency_limits')
-    assert (WAREHOUSE_POOL, 1) in limits
 
 
 def test_asset_materializations_are_in_the_postgresql_event_log(evaluated, postgres):

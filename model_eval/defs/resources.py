@@ -8,10 +8,10 @@ import dagster as dg
 
 from model_eval.project import Project
 from model_eval.settings import ProjectPaths
+from model_eval.file_lock import set_holder_label
 
 EVAL_RUN_TAG = "model_eval/eval_run_id"
 TRIGGER_TAG = "model_eval/trigger"
-WAREHOUSE_POOL = "model_eval_warehouse"
 
 
 class ModelEvalResource(dg.ConfigurableResource):
@@ -21,6 +21,11 @@ class ModelEvalResource(dg.ConfigurableResource):
     registry_file: str = ""
     warehouse_file: str = ""
     cache_file: str = ""
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.run_id:
+            # Whoever waits for the warehouse writer lock while this run holds it is told which run it is.
+            set_holder_label(f"Dagster run {context.run_id}")
 
     def paths(self) -> ProjectPaths:
         defaults = ProjectPaths.from_env()
@@ -45,6 +50,11 @@ def resources() -> dg.Definitions:
 def eval_run_id(context: dg.AssetExecutionContext) -> str:
     """Runs started together (e.g. by `model-eval run`) share an eval run id; a lone UI run uses its own run id."""
     return context.run.tags.get(EVAL_RUN_TAG) or context.run.run_id
+
+
+def is_orchestrated(context: dg.AssetExecutionContext) -> bool:
+    """True for a run that belongs to a larger evaluation (`model-eval run`, the schedule, a sensor batch)."""
+    return EVAL_RUN_TAG in context.run.tags
 
 
 def trigger(context: dg.AssetExecutionContext) -> str:

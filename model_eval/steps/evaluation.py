@@ -8,7 +8,8 @@ import shutil
 
 import polars as pl
 
-from model_eval import warehouse
+from model_eval import eval_runs, warehouse
+from model_eval.crash_points import crash_point
 from model_eval.errors import GoldenSetError
 from model_eval.inference import ProgressFn, RetryPolicy, RunStats, iter_requests, run_model
 from model_eval.project import Project
@@ -83,18 +84,14 @@ def run_inference(
                             SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id FROM read_parquet(?)""",
                          [eval_run_id, dagster_run_id, part_files])
         _record_eval_run(conn, eval_run_id, trigger)
+        crash_point("inference.write")
     shutil.rmtree(staging, ignore_errors=True)
     return stats
 
 
 def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:
     """Upsert the eval run's summary from the results it has so far (several partitions add to one run)."""
-    conn.execute("""
-        INSERT OR REPLACE INTO eval_runs
-        SELECT ?, ?, coalesce((SELECT started_at FROM eval_runs WHERE eval_run_id = ?), now()::TIMESTAMP), now()::TIMESTAMP,
-               list_sort(list(DISTINCT model)), list_sort(list(DISTINCT task)), count(*),
-               count(*) FILTER (WHERE from_cache), count(*) FILTER (WHERE error_class IS NOT NULL)
-        FROM inference_results WHERE eval_run_id = ?""", [eval_run_id, trigger, eval_run_id, eval_run_id])
+    eval_runs.record_results(conn, eval_run_id, trigger)
 
 
 def score_model(project: Project, model_name: str, eval_run_id: str | None, log: Log) -> pl.DataFrame:
@@ -110,6 +107,7 @@ def score_model(project: Project, model_name: str, eval_run_id: str | None, log:
                            params={"run": run_id, "model": model_name}).pl()
         cases = conn.sql(CURRENT_EXPECTED_ANSWERS).pl()
     scores = score_results(results, cases, tasks).with_columns(pl.lit(utc_now()).alias("scored_at"))
+    crash_point("scores.scored")
     with warehouse.write_connection(project.paths.warehouse_file) as conn:
         warehouse.replace_slice(conn, "scores", scores, {"eval_run_id": run_id, "model": model_name})
     log.info(f"model {model_name}: scored {scores.height} results of eval run {run_id}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from model_eval import warehouse
+from model_eval.crash_points import crash_point
 from model_eval.errors import GoldenSetError
 from model_eval.golden import TaskSpec, read_cases
 from model_eval.golden_validation import validate_cases
@@ -54,4 +55,5 @@ def ingest_golden(project: Project, eval_run_id: str, log: Log) -> GoldenIngesti
         conn.register("current_files", versions.filter(pl.col("is_current")).select("task", "dataset_version", "file_hash").to_arrow())
         conn.execute("UPDATE golden_versions g SET is_current = TRUE FROM current_files c "
                      "WHERE g.task = c.task AND g.dataset_version = c.dataset_version AND g.file_hash = c.file_hash")
+        crash_point("golden.write")
     return GoldenIngestion(tasks=list(project.tasks), versions=versions, new_cases=new_cases, expectations_run=expectations)

@@ -4,6 +4,7 @@ recommendations into assignment changes, gated and staged, with automatic rollba
 from __future__ import annotations
 
 from model_eval import warehouse
+from model_eval.crash_points import crash_point
 from model_eval.alerts import send_alert
 from model_eval.production_log import ingest_call_logs
 from model_eval.project import Project
@@ -27,7 +28,9 @@ def promote(project: Project, eval_run_id: str, log: Log, assigned_by: str = "pi
             initial = ensure_initial_assignments(conn, deployment, project.registry, tasks)
             decisions = plan_promotions(conn, tasks, newest_champions(conn, tasks), deployment, eval_run_id=eval_run_id)
             apply_decisions(conn, decisions, tasks, eval_run_id, assigned_by)
+            crash_point("promotion.write")
         publish_assignments(project, conn)
+    crash_point("promotion.published")
     if initial:
         log.info(f"initial assignments from {deployment.path.name}: {', '.join(initial)}")
     for decision in decisions:

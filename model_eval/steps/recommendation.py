@@ -8,7 +8,8 @@ import json
 
 import polars as pl
 
-from model_eval import warehouse
+from model_eval import eval_runs, warehouse
+from model_eval.crash_points import crash_point
 from model_eval.gate_evaluation import TaskGates, evaluate_all_tasks, record_all
 from model_eval.metrics import LATEST_METRICS_SQL, case_accuracies_of, compute_metrics
 from model_eval.policies import Anchors, recommend, registered_policies
@@ -21,11 +22,19 @@ RECOMMENDATION_COLUMN_TYPES = {"champion": pl.String, "runner_up": pl.String, "c
                                "source_eval_runs": pl.List(pl.String)}
 
 
-def refresh_metrics(project: Project, log: Log) -> pl.DataFrame:
-    """Recompute every (eval run, model, task) row from `scores` and swap the table in one transaction."""
-    with warehouse.write_connection(project.paths.warehouse_file) as conn:
-        metrics = compute_metrics(conn)
-        warehouse.replace_slice(conn, "model_task_metrics", metrics, {})
+def refresh_metrics(project: Project, log: Log, completing: str | None = None) -> pl.DataFrame:
+    """Recompute every (eval run, model, task) row from the scores of complete evaluations, and swap the
+    table in one transaction. `completing` names an evaluation whose partitions have all finished: it is
+    marked complete in that same transaction (unless it was found dead meanwhile)."""
+    with warehouse.write_connection(project.paths.warehouse_file) as conn, warehouse.transaction(conn):
+        if completing is not None and eval_runs.complete(conn, completing) == eval_runs.INCOMPLETE:
+            log.warning(f"eval run {completing} is marked incomplete; its results do not feed metrics")
+            completing = None
+        metrics = compute_metrics(conn, eval_runs.admitted(conn, completing))
+        conn.execute("DELETE FROM model_task_metrics")
+        conn.register("fresh_metrics", metrics.to_arrow())
+        conn.execute("INSERT INTO model_task_metrics BY NAME SELECT * FROM fresh_metrics")
+        crash_point("metrics.write")
     log.info(f"metrics: {metrics.height} (eval run, model, task) rows")
     return metrics
 
@@ -60,6 +69,7 @@ def recommend_tasks(project: Project, eval_run_id: str, log: Log, model_names: l
                 "created_at": utc_now(),
             })
     frame = pl.DataFrame(rows, schema_overrides=RECOMMENDATION_COLUMN_TYPES)
+    crash_point("recommendations.write")
     with warehouse.write_connection(project.paths.warehouse_file) as conn:
         warehouse.replace_slice(conn, "recommendations", frame, {"eval_run_id": eval_run_id})
     return frame

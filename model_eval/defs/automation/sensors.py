@@ -1,4 +1,4 @@
-"""The sensors: new models, new golden versions, finished evaluation batches, failed runs."""
+"""The sensors: new models, new golden versions, finished evaluation batches, failed runs, dead runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import dagster as dg
 
+from model_eval import run_reaper
 from model_eval.alerts import Alert, send_alert
 from model_eval.defs.automation.requests import BATCH_TAG, callable_models, evaluation_requests, missing_partitions
 from model_eval.defs import jobs
@@ -88,6 +89,14 @@ def evaluation_complete(context: dg.SensorEvaluationContext):
             requests.append(dg.RunRequest(run_key=f"recommend:{eval_run_id}",
                                           tags={EVAL_RUN_TAG: eval_run_id, TRIGGER_TAG: members[0].tags.get(TRIGGER_TAG, "sensor")}))
     return requests or dg.SkipReason("no evaluation batch has just finished")
+
+
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Marks runs whose process died (killed, crashed) failed, frees their pool slots, and marks "
+                       "the evaluations they drove incomplete, so nothing waits for them.")
+def reap_dead_runs(context: dg.SensorEvaluationContext, model_eval: ModelEvalResource):
+    dead = run_reaper.reap_dead_runs(context.instance, model_eval.paths().warehouse_file, say=context.log.warning, reaper="the reap_dead_runs sensor")
+    return dg.SkipReason(f"reaped {len(dead)} dead run(s)" if dead else "no dead run")
 
 
 @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING, description="Sends an alert for every failed run.")

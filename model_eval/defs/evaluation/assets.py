@@ -2,7 +2,8 @@ import dagster as dg
 import polars as pl
 
 from model_eval.defs.partitions import MODELS
-from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id, trigger
+from model_eval.defs.resources import ModelEvalResource, eval_run_id, is_orchestrated, trigger
+from model_eval.eval_runs import complete_evaluation
 from model_eval.serving import local_models_served
 from model_eval.steps.evaluation import run_inference, score_model
 
@@ -45,10 +46,14 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
     })
 
 
-@dg.asset(group_name="evaluation", partitions_def=MODELS, deps=["inference_results"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
+@dg.asset(group_name="evaluation", partitions_def=MODELS, deps=["inference_results"], kinds={"duckdb"},
           description="Each result scored by its task's registered scorer.")
 def scores(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    frame = score_model(model_eval.project(), context.partition_key, eval_run_id(context), context.log)
+    project = model_eval.project()
+    frame = score_model(project, context.partition_key, eval_run_id(context), context.log)
+    if not is_orchestrated(context):
+        # A run of its own (e.g. from the UI) is its own evaluation, and scoring is its last step.
+        complete_evaluation(project.paths.warehouse_file, eval_run_id(context))
     # Accuracy over cases (each case's share of right repeats), with n = cases beside it.
     per_case = frame.group_by("task", "case_id").agg(pl.col("correct").mean().alias("case_accuracy"))
     per_task = per_case.group_by("task").agg(pl.col("case_accuracy").mean().alias("accuracy"), pl.len().alias("cases")).sort("task")

@@ -1,11 +1,11 @@
 import dagster as dg
 import polars as pl
 
-from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
+from model_eval.defs.resources import ModelEvalResource, eval_run_id
 from model_eval.steps.golden import ingest_golden
 
 
-@dg.asset(group_name="golden", pool=WAREHOUSE_POOL, kinds={"duckdb", "great_expectations"},
+@dg.asset(group_name="golden", kinds={"duckdb", "great_expectations"},
           description="Every task's versioned golden cases, validated with Great Expectations.")
 def golden_cases(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
     result = ingest_golden(model_eval.project(), eval_run_id(context), context.log)

@@ -1,11 +1,11 @@
 import dagster as dg
 
 from model_eval.defs.partitions import MODELS
-from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
+from model_eval.defs.resources import ModelEvalResource, eval_run_id
 from model_eval.steps.models import ensure_assignments, sync_registry
 
 
-@dg.asset(group_name="models", pool=WAREHOUSE_POOL, kinds={"duckdb"},
+@dg.asset(group_name="models", kinds={"duckdb"},
           description="The model registry file, synced to the warehouse; adds a partition per enabled model.")
 def model_registry(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
     project = model_eval.project()

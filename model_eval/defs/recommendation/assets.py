@@ -1,17 +1,18 @@
 import dagster as dg
 import polars as pl
 
-from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
+from model_eval.defs.resources import ModelEvalResource, eval_run_id, is_orchestrated
 from model_eval.metrics import leaderboard
 from model_eval.steps.recommendation import recommend_tasks, refresh_metrics
 from model_eval.warehouse import read_connection
 
 
-@dg.asset(group_name="recommendation", deps=["scores"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
+@dg.asset(group_name="recommendation", deps=["scores"], kinds={"duckdb"},
           description="Per (eval run, model, task): accuracy over cases with a 95% Wilson interval (n = cases), pass^k, "
                       "flip rate, consistency, latency percentiles, tokens, cost.")
 def model_task_metrics(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    metrics = refresh_metrics(model_eval.project(), context.log)
+    # An evaluation's recommend run starts once all its partitions have finished: its scores join the metrics.
+    metrics = refresh_metrics(model_eval.project(), context.log, completing=eval_run_id(context) if is_orchestrated(context) else None)
     return dg.MaterializeResult(metadata={"dagster/row_count": metrics.height,
                                           "eval_runs": metrics["eval_run_id"].n_unique() if metrics.height else 0})
 
@@ -34,7 +35,7 @@ def leaderboard_markdown(board: pl.DataFrame, champions: dict[str, tuple[str | N
     return "\n".join(lines)
 
 
-@dg.asset(group_name="recommendation", deps=["model_task_metrics"], pool=WAREHOUSE_POOL, kinds={"duckdb"},
+@dg.asset(group_name="recommendation", deps=["model_task_metrics"], kinds={"duckdb"},
           description="A champion and runner-up per task under every policy, with reasoning and confidence.")
 def recommendations(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
     project = model_eval.project()

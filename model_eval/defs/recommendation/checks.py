@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from model_eval.defs.resources import WAREHOUSE_POOL, ModelEvalResource, eval_run_id
+from model_eval.defs.resources import ModelEvalResource, eval_run_id
 from model_eval.gates import GATE_NAMES
 from model_eval.steps.recommendation import check_gates
 
@@ -30,7 +30,6 @@ def _cell(text: str) -> str:
 @dg.multi_asset_check(
     specs=[dg.AssetCheckSpec(name=f"gate_{gate}", asset="recommendations", blocking=True,
                              description=GATE_DESCRIPTIONS[gate]) for gate in GATE_NAMES],
-    pool=WAREHOUSE_POOL,
 )
 def promotion_gates(context: dg.AssetCheckExecutionContext, model_eval: ModelEvalResource) -> Iterator[dg.AssetCheckResult]:
     evaluated = check_gates(model_eval.project(), eval_run_id(context))
