@@ -23,9 +23,9 @@ class ModelEvalResource(dg.ConfigurableResource):
     cache_file: str = ""
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        if context.run_id:
+        if context.run is not None:
             # Whoever waits for the warehouse writer lock while this run holds it is told which run it is.
-            set_holder_label(f"Dagster run {context.run_id}")
+            set_holder_label(f"Dagster run {context.run.run_id}")
 
     def paths(self) -> ProjectPaths:
         defaults = ProjectPaths.from_env()
