@@ -27,7 +27,7 @@ def _rewrite_line(cases_file: Path, line_no: int, change) -> None:
 
 def test_shipped_golden_sets_meet_the_brief(paths):
     tasks = {t.name: t for t in load_tasks(paths.golden_dir)}
-    assert set(tasks) == {"grading", "extraction", "classification"}
+    assert set(tasks) == {"grading", "extraction", "classification", "employer"}
     for task in tasks.values():
         cases = read_cases(task)
         assert cases.height >= 12, task.name
