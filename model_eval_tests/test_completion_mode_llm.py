@@ -21,7 +21,7 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 pytest.importorskip("llama_cpp.server", reason="needs the local extra: pip install -e '.[local]'")
 
 from model_eval.golden import load_tasks  # noqa: E402
-from model_eval.inference import build_requests, run_model  # noqa: E402
+from model_eval.inference import iter_requests, run_model  # noqa: E402
 from model_eval.local_server import LocalModelServer  # noqa: E402
 from model_eval.registry import load_registry  # noqa: E402
 from model_eval.response_cache import ResponseCache  # noqa: E402
@@ -58,7 +58,7 @@ def test_gemma_answers_the_employer_task_through_the_text_endpoint(gemma, tmp_pa
     task = replace(task, repeats=1)
     cases = pl.DataFrame({"task": ["employer"] * 2, "dataset_version": [task.dataset_version] * 2,
                           "case_id": list(POSTINGS), "inputs_json": [json.dumps({"posting": p}) for p, _ in POSTINGS.values()]})
-    requests = build_requests(gemma, [task], cases)
+    requests = list(iter_requests(gemma, [task], cases.iter_rows(named=True)))
     assert all(r.prompt is not None and "messages" not in r.model_input.litellm_arguments() for r in requests)
     with ResponseCache(tmp_path / "responses.sqlite") as cache:
         frame, stats = asyncio.run(run_model(gemma, requests, cache))

@@ -456,7 +456,7 @@ def test_completion_mode_goes_to_the_text_endpoint_with_prompt_stop_and_retries(
     task = load_tasks(GOLDEN_DIR, only=["employer"])[0]
     cases = pl.DataFrame({"task": ["employer"] * 3, "dataset_version": [task.dataset_version] * 3,
                           "case_id": ["e1", "e2", "e3"], "inputs_json": [json.dumps({"posting": f"Posting {i}"}) for i in range(3)]})
-    requests = build_requests(spec, [task], cases)
+    requests = list(iter_requests(spec, [task], cases.iter_rows(named=True)))
     frame, stats = run(spec, requests, cache)
 
     assert_one_row_per_request(frame, requests)
@@ -472,10 +472,10 @@ def test_completion_mode_goes_to_the_text_endpoint_with_prompt_stop_and_retries(
     assert frame["cost_usd"].to_list() == pytest.approx([(300 * PRICE_IN + 3 * PRICE_OUT) / 1e6] * len(requests))
 
     # Unchanged, the second run is answered from the cache; a chat-mode spec asks anew.
-    again, again_stats = run(spec, build_requests(spec, [task], cases), cache)
+    again, again_stats = run(spec, list(iter_requests(spec, [task], cases.iter_rows(named=True))), cache)
     assert again_stats.sent == 0 and again["from_cache"].all()
     server.reset()
     server.script = always(ok("Kestrel Supply"))
     chat_spec = make_spec(server)
-    _, chat_stats = run(chat_spec, build_requests(chat_spec, [task], cases), cache)
+    _, chat_stats = run(chat_spec, list(iter_requests(chat_spec, [task], cases.iter_rows(named=True))), cache)
     assert chat_stats.sent == len(requests) and {r.endpoint for r in server.records} == {"chat"}
