@@ -25,6 +25,18 @@ OUTPUT_KINDS = ("verdict", "json", "label", "text")
 CASE_FIELDS_REQUIRED = ("id", "inputs", "expected")
 CASE_FIELDS_OPTIONAL = ("difficulty", "kind", "tags", "notes")
 DIFFICULTIES = ("easy", "medium", "hard")
+EXAMPLE_FIELDS = ("inputs", "output", "notes")
+# An example's text field this long or longer may not also appear in a case: a shared posting is a
+# leaked case even with another summary beside it. Shorter values (a language, a label) may recur.
+SHARED_TEXT_MIN_CHARS = 40
+
+
+@dataclass(frozen=True)
+class FewShotExample:
+    """A solved example shown to the model before each case, as an earlier user/assistant exchange."""
+
+    inputs: dict[str, Any]
+    output: str               # the answer as the model should write it (JSON text for json tasks)
 
 
 @dataclass(frozen=True)
@@ -48,14 +60,24 @@ class TaskSpec:
     # Fixed anchors for composite policies (see golden/README.md): never relative to other candidates.
     latency_target_ms: float = 2000.0
     budget_per_case_usd: float = 0.001
+    examples: tuple[FewShotExample, ...] = field(default=())
+    threshold_reason: str = ""
+
+    @property
+    def task_file(self) -> Path:
+        return self.folder / "task.yaml"
 
     def cases_file(self, version: str | None = None) -> Path:
         return self.folder / "cases" / f"{version or self.dataset_version}.jsonl"
 
     def render_messages(self, inputs: dict[str, Any]) -> list[dict[str, str]]:
+        """System prompt, then each few-shot example as a user turn and its answer, then the case."""
         messages = []
         if self.system_prompt.strip():
             messages.append({"role": "system", "content": self.system_prompt.strip()})
+        for example in self.examples:
+            messages.append({"role": "user", "content": self.prompt_template.format_map(example.inputs).strip()})
+            messages.append({"role": "assistant", "content": example.output})
         messages.append({"role": "user", "content": self.prompt_template.format_map(inputs).strip()})
         return messages
 
@@ -130,6 +152,10 @@ def load_task(folder: Path) -> TaskSpec:
     call_params = data.get("call_params") or {}
     if not isinstance(call_params, dict):
         raise GoldenSetError(path, "must be a mapping", field="call_params")
+    threshold_reason = data.get("threshold_reason", "")
+    if not isinstance(threshold_reason, str):
+        raise GoldenSetError(path, "must be text: why this threshold is what the task's users need", field="threshold_reason")
+    examples = _load_examples(data.get("examples"), path, placeholders, output_kind, scorer_name, scorer_settings)
 
     anchors = {}
     for key in ("latency_target_ms", "budget_per_case_usd"):
@@ -165,7 +191,69 @@ def load_task(folder: Path) -> TaskSpec:
         folder=folder,
         placeholders=placeholders,
         **anchors,
+        examples=examples,
+        threshold_reason=threshold_reason.strip(),
     )
+
+
+def _load_examples(raw: Any, path: Path, placeholders: tuple[str, ...], output_kind: str, scorer_name: str,
+                   scorer_settings: dict[str, Any]) -> tuple[FewShotExample, ...]:
+    """Check the task's few-shot examples: each fills the template and has an answer its scorer would accept."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise GoldenSetError(path, "must be a list of {inputs, output}", field="examples")
+    examples = []
+    for index, item in enumerate(raw):
+        where = f"examples[{index}]"
+        if not isinstance(item, dict):
+            raise GoldenSetError(path, "must be a mapping with inputs and output", field=where)
+        unknown = sorted(set(item) - set(EXAMPLE_FIELDS))
+        if unknown:
+            raise GoldenSetError(path, f"unknown field; allowed: {', '.join(EXAMPLE_FIELDS)}", field=f"{where}.{unknown[0]}")
+        inputs = item.get("inputs")
+        if not isinstance(inputs, dict):
+            raise GoldenSetError(path, "required, a mapping of template variables", field=f"{where}.inputs")
+        for name in placeholders:
+            if name not in inputs:
+                raise GoldenSetError(path, f"the prompt template needs '{name}'", field=f"{where}.inputs.{name}")
+        if "output" not in item:
+            raise GoldenSetError(path, "required: the answer the model should give", field=f"{where}.output")
+        output = item["output"]
+        problem = get_scorer(scorer_name).validate_expected(output, scorer_settings)
+        if problem:
+            raise GoldenSetError(path, problem, field=f"{where}.output")
+        text = json.dumps(output, ensure_ascii=False) if output_kind == "json" else str(output)
+        examples.append(FewShotExample(inputs=inputs, output=text))
+    return tuple(examples)
+
+
+def _comparable(value: Any) -> str:
+    return " ".join(str(value).casefold().split())
+
+
+def check_examples_are_not_cases(task: TaskSpec, cases: list[tuple[int, dict[str, Any]]], cases_path: Path) -> None:
+    """Few-shot examples must never be cases being scored: the model would be shown the answer.
+
+    An example leaks a case when it has the same inputs, or shares any text field of at least
+    SHARED_TEXT_MIN_CHARS characters with it (compared case- and whitespace-insensitively).
+    """
+    for index, example in enumerate(task.examples):
+        example_texts = {name: _comparable(value) for name, value in example.inputs.items()}
+        for line_no, case in cases:
+            inputs = case.get("inputs")
+            if not isinstance(inputs, dict):
+                continue
+            same_all = {k: _comparable(v) for k, v in inputs.items()} == example_texts
+            shared = [name for name, text in example_texts.items()
+                      if len(text) >= SHARED_TEXT_MIN_CHARS and any(_comparable(v) == text for v in inputs.values())]
+            if same_all or shared:
+                what = "the same inputs" if same_all else f"the same '{shared[0]}'"
+                raise GoldenSetError(
+                    task.task_file,
+                    f"has {what} as case '{case.get('id')}' ({cases_path.name} line {line_no}): few-shot examples "
+                    "must not be drawn from the cases being scored",
+                    field=f"examples[{index}].inputs" + ("" if same_all else f".{shared[0]}"))
 
 
 def load_tasks(golden_dir: Path, only: list[str] | None = None) -> list[TaskSpec]:
@@ -197,6 +285,7 @@ def read_cases(task: TaskSpec, version: str | None = None) -> pl.DataFrame:
     path = task.cases_file(version)
     scorer = get_scorer(task.scorer)
     rows = []
+    parsed: list[tuple[int, dict[str, Any]]] = []
     with path.open(encoding="utf-8") as handle:
         for line_no, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -226,6 +315,7 @@ def read_cases(task: TaskSpec, version: str | None = None) -> pl.DataFrame:
             tags = case.get("tags") or []
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise GoldenSetError(path, "must be a list of strings", line=line_no, field="tags")
+            parsed.append((line_no, case))
             rows.append(
                 {
                     "task": task.name,
@@ -246,6 +336,7 @@ def read_cases(task: TaskSpec, version: str | None = None) -> pl.DataFrame:
                     "source_file": str(path),
                 }
             )
+    check_examples_are_not_cases(task, parsed, path)
     schema = {
         "task": pl.String, "dataset_version": pl.String, "case_id": pl.String, "line": pl.Int64,
         "inputs_json": pl.String, "expected_json": pl.String, "expected_error": pl.String,

@@ -20,6 +20,7 @@ import polars as pl
 
 from model_eval.crash_points import crash_point
 from model_eval.golden import TaskSpec
+from model_eval.prompts import ModelInput, build_input
 from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache, cache_key
 
@@ -47,6 +48,14 @@ class CallRequest:
     messages: list[dict[str, str]]
     params: dict[str, Any]
     key: str
+    prompt: str | None = None          # set in completion mode: the messages laid out by the model's template
+    stop: tuple[str, ...] = ()
+
+    @property
+    def model_input(self) -> ModelInput:
+        if self.prompt is None:
+            return ModelInput("chat", self.messages)
+        return ModelInput("completion", self.messages, self.prompt, self.stop)
 
 
 @dataclass(frozen=True)
@@ -147,10 +156,12 @@ def iter_requests(spec: ModelSpec, tasks: list[TaskSpec], cases: Iterable[dict[s
         if task is None or row["dataset_version"] != task.dataset_version:
             continue
         params = {**spec.params, **task.call_params}
-        messages = task.render_messages(json.loads(row["inputs_json"]))
+        asked = build_input(task.render_messages(json.loads(row["inputs_json"])), spec.mode, spec.completion_template)
+        completion = None if asked.mode == "chat" else asked.identity()
         for repeat in range(task.repeats):
-            yield CallRequest(task.name, task.dataset_version, row["case_id"], repeat, messages, params,
-                              cache_key(spec.config_hash, messages, params, repeat))
+            yield CallRequest(task.name, task.dataset_version, row["case_id"], repeat, asked.messages, params,
+                              cache_key(spec.config_hash, asked.messages, params, repeat, completion),
+                              asked.prompt, asked.stop)
 
 
 def _status_of(exc: BaseException) -> int | None:
@@ -232,6 +243,14 @@ async def _default_completion(**kwargs):
     return await litellm.acompletion(**kwargs)
 
 
+async def _default_text_completion(**kwargs):
+    """Completion mode: litellm sends `openai/<model>` with a custom api_base to the endpoint's /completions."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return await litellm.atext_completion(**kwargs)
+
+
 def _usage(response: Any) -> tuple[int | None, int | None]:
     usage = getattr(response, "usage", None)
     if usage is None and isinstance(response, dict):
@@ -248,7 +267,9 @@ def _text_and_finish(response: Any) -> tuple[str | None, str | None]:
         return None, None
     choice = choices[0]
     message = getattr(choice, "message", None)
-    return getattr(message, "content", None), getattr(choice, "finish_reason", None)
+    # A chat answer is in choices[0].message.content, a text completion's in choices[0].text.
+    text = getattr(message, "content", None) if message is not None else getattr(choice, "text", None)
+    return text, getattr(choice, "finish_reason", None)
 
 
 async def run_model(
@@ -258,6 +279,7 @@ async def run_model(
     *,
     retry: RetryPolicy = RetryPolicy(),
     completion: CompletionFn = _default_completion,
+    text_completion: CompletionFn = _default_text_completion,
     on_progress: ProgressFn | None = None,
     progress_every: int = 10,
     cache_max_age_s: float | None = None,
@@ -272,6 +294,8 @@ async def run_model(
     are handed over in batches of `batch_rows` (then None is returned instead of a frame).
     Cached answers are reused; `cache_max_age_s` makes older ones be asked again (a scheduled
     re-evaluation must see today's model, or a provider's silent change would never show).
+    Chat requests go through `completion`, completion-mode requests (those with a prompt) through
+    `text_completion`.
     """
     if total is None and isinstance(requests, list):
         total = len(requests)
@@ -346,9 +370,10 @@ async def run_model(
                 # httpx applies the provider timeout per read; this makes it a deadline for the
                 # whole call, so a server trickling its answer cannot hold a slot indefinitely.
                 # The small grace lets the provider's own timeout (a clearer error) fire first.
+                send = completion if req.prompt is None else text_completion
                 async with asyncio.timeout(spec.timeout_s * 1.1 + 0.5):
-                    response = await completion(
-                        model=spec.litellm_model, messages=req.messages, api_base=spec.api_base,
+                    response = await send(
+                        model=spec.litellm_model, **req.model_input.litellm_arguments(), api_base=spec.api_base,
                         api_key=spec.api_key() or ("sk-no-key" if spec.api_base else None),
                         timeout=spec.timeout_s, num_retries=0, max_retries=0, **req.params,
                     )

@@ -395,7 +395,8 @@ def snapshot_tasks(states: dict[str, AssignmentState], registry: Registry) -> di
             return None
         spec = registry.get(name)
         return {"model": spec.name, "litellm_model": spec.litellm_model, "api_base": spec.api_base,
-                "api_key_env": spec.api_key_env, "params": spec.params}
+                "api_key_env": spec.api_key_env, "params": spec.params, "mode": spec.mode,
+                "completion_template": spec.completion_template.as_record() if spec.completion_template else None}
 
     tasks = {}
     for task, state in sorted(states.items()):

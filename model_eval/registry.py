@@ -19,11 +19,13 @@ from urllib.parse import urlparse
 import yaml
 
 from model_eval.errors import RegistryError
+from model_eval.prompts import MODES, CompletionTemplate, TemplateError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENTRY_FIELDS = {
     "name", "model", "api_base", "api_key_env", "params", "price_per_million", "provider", "family",
     "tasks", "tiers", "enabled", "local_model", "max_concurrency", "timeout_s", "max_attempts", "notes",
+    "mode", "completion_template",
 }
 DEFAULTS = {"max_concurrency": 4, "timeout_s": 60.0, "max_attempts": 5}
 
@@ -47,11 +49,17 @@ class ModelSpec:
     max_concurrency: int = 4
     timeout_s: float = 60.0
     max_attempts: int = 5
+    # "chat" sends messages; "completion" lays them out as one prompt with the template (base models).
+    mode: str = "chat"
+    completion_template: CompletionTemplate | None = None
 
     @property
     def config_hash(self) -> str:
         """Identity of what answers: a change here invalidates cached responses. Never includes the key."""
         identity = {"model": self.litellm_model, "api_base": self.api_base, "params": self.params, "local_model": self.local_model}
+        if self.mode != "chat":  # only then: chat models keep the hash (and cached answers) they had before modes existed
+            identity["mode"] = self.mode
+            identity["completion_template"] = self.completion_template.as_record() if self.completion_template else None
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def serves(self, task_name: str, tier: int) -> bool:
@@ -68,6 +76,8 @@ class ModelSpec:
             "price_input_per_million": self.price_input_per_million, "price_output_per_million": self.price_output_per_million,
             "tasks": list(self.tasks) if self.tasks is not None else None, "tiers": list(self.tiers) if self.tiers is not None else None,
             "enabled": self.enabled, "local_model": self.local_model, "config_hash": self.config_hash,
+            "mode": self.mode,
+            "completion_template_json": json.dumps(self.completion_template.as_record()) if self.completion_template else None,
         }
 
 
@@ -189,6 +199,20 @@ def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServ
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):
         raise fail("must be true or false", "enabled")
+    mode = raw.get("mode", "chat")
+    if mode not in MODES:
+        raise fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+    template = None
+    if mode == "completion":
+        if raw.get("completion_template") is None:
+            raise fail("required with mode: completion ({system, user, assistant, stop}; see the top of this file)",
+                       "completion_template")
+        try:
+            template = CompletionTemplate.from_mapping(raw["completion_template"])
+        except TemplateError as exc:
+            raise fail(str(exc), "completion_template" + (f".{exc.field}" if exc.field else "")) from None
+    elif raw.get("completion_template") is not None:
+        raise fail("only used with mode: completion", "completion_template")
 
     return ModelSpec(
         name=name,
@@ -207,6 +231,8 @@ def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServ
         max_concurrency=settings["max_concurrency"],
         timeout_s=float(settings["timeout_s"]),
         max_attempts=settings["max_attempts"],
+        mode=mode,
+        completion_template=template,
     )
 
 

@@ -16,9 +16,14 @@ from pathlib import Path
 from typing import Any
 
 
-def cache_key(config_hash: str, messages: list[dict], params: dict[str, Any], repeat: int) -> str:
-    material = json.dumps({"config": config_hash, "messages": messages, "params": params, "repeat": repeat},
-                          sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def cache_key(config_hash: str, messages: list[dict], params: dict[str, Any], repeat: int,
+              completion: dict[str, Any] | None = None) -> str:
+    """Hash of everything that decides an answer. `completion` (mode, prompt text, stop sequences) is
+    given for completion-mode calls only, so chat calls keep the keys they had before modes existed."""
+    parts = {"config": config_hash, "messages": messages, "params": params, "repeat": repeat}
+    if completion is not None:
+        parts["completion"] = completion
+    material = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -7,7 +7,9 @@ applications read it with a `Router`:
 
     router = Router(Path("warehouse/routing.json"))
     decision = router.route("grading", request_key=user_id)
-    answer = litellm.completion(**decision.primary.completion_kwargs(), messages=messages)
+    choice = decision.primary
+    send = litellm.text_completion if choice.uses_text_completion else litellm.completion
+    answer = send(**choice.completion_kwargs(), **choice.call_arguments(messages))
     if decision.shadow is not None:      # shadow stage: call the candidate too, off the hot path
         ...                              # log its answer, never show it to the user
 
@@ -23,7 +25,9 @@ Snapshot format (one entry per task; `write_snapshot` fills the optional fields)
      "tasks": {"grading": {
         "model": "smollm2-135m", "litellm_model": "openai/smollm2-135m",
         "api_base": "http://127.0.0.1:8765/v1", "api_key_env": null, "params": {"temperature": 0.3},
-        "candidate": {<the same five fields>} | null,
+        "mode": "chat",                       # optional; "completion": a base model, asked with
+        "completion_template": null,          #   one prompt laid out by this template
+        "candidate": {<the same fields>} | null,
         "stage": "shadow" | "partial" | "full",
         "traffic_share": 0.2,
         "pinned": false}}}
@@ -50,6 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from model_eval.errors import InputError, ModelEvalError
+from model_eval.prompts import MODES, CompletionTemplate, TemplateError, build_input
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +94,19 @@ class ModelChoice:
     api_base: str | None = None
     api_key_env: str | None = None  # the NAME of the variable; the key is read at call time
     params: dict[str, Any] = field(default_factory=dict, hash=False)
+    # How the model was evaluated, so an application asks it the same way: chat messages, or
+    # (base models) one prompt laid out by the template and sent to the text completion endpoint.
+    mode: str = "chat"
+    completion_template: dict[str, Any] | None = field(default=None, hash=False)
+
+    @property
+    def uses_text_completion(self) -> bool:
+        return self.mode == "completion"
+
+    def call_arguments(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """`messages=` for litellm.completion, or `prompt=` and `stop=` for litellm.text_completion."""
+        template = CompletionTemplate.from_mapping(self.completion_template) if self.uses_text_completion else None
+        return build_input(messages, self.mode, template).litellm_arguments()
 
     def completion_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `litellm.completion(**kwargs, messages=...)`.
@@ -117,7 +135,8 @@ class ModelChoice:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "litellm_model": self.litellm_model, "api_base": self.api_base,
-            "api_key_env": self.api_key_env, "params": dict(self.params),
+            "api_key_env": self.api_key_env, "params": dict(self.params), "mode": self.mode,
+            "completion_template": self.completion_template,
         }
 
     @classmethod
@@ -126,6 +145,7 @@ class ModelChoice:
         return cls(
             model=raw["model"], litellm_model=raw["litellm_model"], api_base=raw.get("api_base"),
             api_key_env=raw.get("api_key_env"), params=dict(raw.get("params") or {}),
+            mode=raw.get("mode") or "chat", completion_template=raw.get("completion_template"),
         )
 
 
@@ -189,8 +209,19 @@ def _normalize_choice(raw: Any, path: Path | str, where: str) -> dict[str, Any]:
     reserved = [k for k in _RESERVED_PARAMS if k in params]
     if reserved:
         raise fail(f"may not set {', '.join(reserved)} (use the entry's own fields)", "params")
+    mode = raw.get("mode") or "chat"
+    if mode not in MODES:
+        raise fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+    template = raw.get("completion_template")
+    if mode == "completion":
+        try:
+            template = CompletionTemplate.from_mapping(template).as_record()
+        except TemplateError as exc:
+            raise fail(str(exc), "completion_template" + (f".{exc.field}" if exc.field else "")) from None
+    elif template is not None:
+        raise fail("only used with mode 'completion'", "completion_template")
     return {"model": raw["model"], "litellm_model": raw["litellm_model"], "api_base": api_base or None,
-            "api_key_env": key_env, "params": dict(params)}
+            "api_key_env": key_env, "params": dict(params), "mode": mode, "completion_template": template}
 
 
 def _normalize_task(task: Any, raw: Any, path: Path | str) -> dict[str, Any]:

@@ -38,8 +38,12 @@ CREATE TABLE IF NOT EXISTS models (
     tasks VARCHAR[], tiers BIGINT[], enabled BOOLEAN, local_model VARCHAR, config_hash VARCHAR,
     available BOOLEAN, unavailable_reason VARCHAR,
     first_seen_run VARCHAR, last_seen_run VARCHAR, last_synced_at TIMESTAMP,
+    mode VARCHAR, completion_template_json VARCHAR,
     PRIMARY KEY (model, config_hash)
 );
+-- Warehouses made before models had a mode get the columns here (appended, as in the table above).
+ALTER TABLE models ADD COLUMN IF NOT EXISTS mode VARCHAR;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS completion_template_json VARCHAR;
 CREATE TABLE IF NOT EXISTS golden_versions (
     task VARCHAR, dataset_version VARCHAR, source_file VARCHAR, file_hash VARCHAR, cases BIGINT,
     output_kind VARCHAR, scorer VARCHAR, is_current BOOLEAN, validation_passed BOOLEAN,

@@ -1,4 +1,4 @@
-"""TEST DOUBLE: a scripted, local, OpenAI-compatible chat-completions server.
+"""TEST DOUBLE: a scripted, local, OpenAI-compatible chat- and text-completions server.
 
 This is not a model and not part of the product. It exists so the inference engine can be tested
 and benchmarked through the real litellm client (the same code path a hosted provider uses) while
@@ -13,6 +13,8 @@ every answer, failure and delay is decided by the test.
 Endpoints (on 127.0.0.1, ephemeral port, in a background thread with its own event loop):
 
 * ``POST /v1/chat/completions`` - answered as the script says (see `Reply`).
+* ``POST /v1/completions``      - the same, as a text completion (``choices[0].text``); scripts see
+                                  the prompt as `last_message` and the endpoint as `endpoint`.
 * ``GET  /v1/models``           - lists the single model id (``fake`` by default).
 * ``GET  /_fake/stats``         - the counters as JSON; used when the server runs in another
                                   process (``benchmarks/fake_endpoint.py`` runs it that way).
@@ -140,9 +142,14 @@ class RequestInfo:
     body_key: str           # hash of the request body, identifies "the same call"
     payload: dict[str, Any]
     authorization: str | None
+    endpoint: str = "chat"  # "chat" for /v1/chat/completions, "text" for /v1/completions
 
     @property
     def last_message(self) -> str:
+        """The last chat message, or a text completion's whole prompt."""
+        if self.endpoint == "text":
+            prompt = self.payload.get("prompt", "")
+            return prompt if isinstance(prompt, str) else json.dumps(prompt)
         messages = self.payload.get("messages") or []
         content = messages[-1].get("content", "") if messages else ""
         return content if isinstance(content, str) else json.dumps(content)
@@ -211,6 +218,7 @@ class RequestRecord:
     label: str               # ok, hang, garbage, or the error status
     status: int              # HTTP status sent (a hang that the client abandoned still counts as 200)
     arrived: float           # time.monotonic() at arrival; comparable with the test's own clock
+    endpoint: str = "chat"   # "chat" or "text" (/v1/completions)
 
 
 @dataclass
@@ -308,6 +316,8 @@ class FakeOpenAIServer:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)   # clients that drop the /v1
+        app.router.add_post("/v1/completions", self._text)
+        app.router.add_post("/completions", self._text)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/_fake/stats", self._stats)
         # access_log=None: logging every request would cost more than answering it.
@@ -369,7 +379,10 @@ class FakeOpenAIServer:
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _text(self, request: web.Request) -> web.StreamResponse:
+        return await self._chat(request, endpoint="text")
+
+    async def _chat(self, request: web.Request, endpoint: str = "chat") -> web.StreamResponse:
         arrived = time.monotonic()
         raw = await request.read()
         try:
@@ -378,7 +391,7 @@ class FakeOpenAIServer:
                 raise ValueError("body is not an object")
         except ValueError:
             # A malformed request is the client's bug, not part of any script: answer 400 and count it.
-            self._record(None, "bad_request", 400, arrived, "")
+            self._record(None, "bad_request", 400, arrived, "", endpoint)
             return _error_response(400, "request body is not a JSON object", "invalid_request_error")
         key = body_key_of(payload)
         with self._lock:
@@ -386,10 +399,10 @@ class FakeOpenAIServer:
             attempt = self._counters.attempts[key]
             index = self._counters.total + 1
         info = RequestInfo(index=index, attempt=attempt, body_key=key, payload=payload,
-                           authorization=request.headers.get("Authorization"))
+                           authorization=request.headers.get("Authorization"), endpoint=endpoint)
         reply = self.script(info)
         status = reply.status if reply.kind == "error" else 200
-        self._record(info, reply.label, status, arrived, info.last_message)
+        self._record(info, reply.label, status, arrived, info.last_message, endpoint)
 
         if reply.kind == "hang":
             try:
@@ -399,9 +412,9 @@ class FakeOpenAIServer:
             if self._stopping.is_set():
                 return web.Response(status=503, text="shutting down")
         if reply.kind in ("ok", "hang"):
-            return web.json_response(self._completion(payload, reply))
+            return web.json_response(self._completion(payload, reply, endpoint))
         if reply.kind == "drip":
-            return await self._drip(request, payload, reply)
+            return await self._drip(request, payload, reply, endpoint)
         if reply.kind == "garbage":
             return web.Response(status=200, body=reply.body.encode(), content_type=reply.content_type)
         message = reply.message
@@ -410,8 +423,8 @@ class FakeOpenAIServer:
         headers = {"Retry-After": _format_seconds(reply.retry_after)} if reply.retry_after is not None else None
         return _error_response(reply.status, message, _error_type(reply.status), headers)
 
-    async def _drip(self, request: web.Request, payload: dict[str, Any], reply: Reply) -> web.StreamResponse:
-        body = json.dumps(self._completion(payload, reply)).encode()
+    async def _drip(self, request: web.Request, payload: dict[str, Any], reply: Reply, endpoint: str) -> web.StreamResponse:
+        body = json.dumps(self._completion(payload, reply, endpoint)).encode()
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         response.content_length = len(body)
         await response.prepare(request)
@@ -427,7 +440,8 @@ class FakeOpenAIServer:
         await response.write_eof()
         return response
 
-    def _record(self, info: RequestInfo | None, label: str, status: int, arrived: float, last_message: str) -> None:
+    def _record(self, info: RequestInfo | None, label: str, status: int, arrived: float, last_message: str,
+                endpoint: str) -> None:
         with self._lock:
             c = self._counters
             c.total += 1
@@ -436,9 +450,16 @@ class FakeOpenAIServer:
             if self.keep_records:
                 c.records.append(RequestRecord(index=c.total, attempt=info.attempt if info else 0,
                                                body_key=info.body_key if info else "", last_message=last_message,
-                                               label=label, status=status, arrived=arrived))
+                                               label=label, status=status, arrived=arrived, endpoint=endpoint))
 
-    def _completion(self, payload: dict[str, Any], reply: Reply) -> dict[str, Any]:
+    def _completion(self, payload: dict[str, Any], reply: Reply, endpoint: str = "chat") -> dict[str, Any]:
+        usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+        if endpoint == "text":
+            return {"id": f"cmpl-fake-{next(self._ids)}", "object": "text_completion", "created": int(time.time()),
+                    "model": payload.get("model") or self.model_id,
+                    "choices": [{"index": 0, "text": reply.text, "logprobs": None, "finish_reason": reply.finish_reason}],
+                    "usage": usage}
         return {
             "id": f"chatcmpl-fake-{next(self._ids)}",
             "object": "chat.completion",
@@ -447,8 +468,7 @@ class FakeOpenAIServer:
             "system_fingerprint": "fake",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                          "logprobs": None, "finish_reason": reply.finish_reason}],
-            "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                      "total_tokens": reply.prompt_tokens + reply.completion_tokens},
+            "usage": usage,
         }
 
 

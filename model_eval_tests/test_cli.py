@@ -90,7 +90,7 @@ def test_manual_control_errors_are_clear_and_change_nothing(cli_env, capsys, arg
 
 def test_sql_is_read_only_unless_asked(cli_env, capsys):
     assert main(["sql", "SELECT count(*) AS n FROM golden_cases"]) == 0
-    assert "44" in capsys.readouterr().out
+    assert "64" in capsys.readouterr().out
     assert main(["sql", "DELETE FROM golden_cases"]) == 2
     assert "read-only" in capsys.readouterr().err.lower()
 

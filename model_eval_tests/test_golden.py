@@ -27,7 +27,7 @@ def _rewrite_line(cases_file: Path, line_no: int, change) -> None:
 
 def test_shipped_golden_sets_meet_the_brief(paths):
     tasks = {t.name: t for t in load_tasks(paths.golden_dir)}
-    assert set(tasks) == {"grading", "extraction", "classification"}
+    assert set(tasks) == {"grading", "extraction", "classification", "employer"}
     for task in tasks.values():
         cases = read_cases(task)
         assert cases.height >= 12, task.name
@@ -142,3 +142,80 @@ def test_policy_anchors_default_and_can_be_set(paths):
     task_file.write_text(yaml.safe_dump({**data, "latency_target_ms": 800, "budget_per_case_usd": 0.0002}))
     task = load_task(task_file.parent)
     assert (task.latency_target_ms, task.budget_per_case_usd) == (800.0, 0.0002)
+
+
+# ---------------------------------------------------------------- few-shot examples
+def _edit_task(paths, task: str, change) -> Path:
+    import yaml
+
+    task_file = paths.golden_dir / task / "task.yaml"
+    data = yaml.safe_load(task_file.read_text())
+    change(data)
+    task_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    return task_file
+
+
+def test_examples_are_rendered_as_earlier_turns_before_the_case(paths):
+    task = {t.name: t for t in load_tasks(paths.golden_dir)}["classification"]
+    assert len(task.examples) == 6
+    messages = task.render_messages({"posting": "Barista - Blue Fig Cafe"})
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 6 + ["user"]
+    for example, (asked, answered) in zip(task.examples, zip(messages[1:-1:2], messages[2:-1:2])):
+        assert asked["content"] == task.prompt_template.format_map(example.inputs).strip()
+        assert answered["content"] == example.output
+    assert messages[-1]["content"].endswith("Barista - Blue Fig Cafe\n\nLabel:")
+
+
+def test_json_example_answers_are_written_as_json(paths):
+    expected = {"skills": ["go"], "industry": "software", "salary": None, "is_authentic": True}
+    _edit_task(paths, "extraction", lambda d: d.update(examples=[{"inputs": {"posting": "Go developer at Pinewood"}, "output": expected}]))
+    task = {t.name: t for t in load_tasks(paths.golden_dir)}["extraction"]
+    assert json.loads(task.render_messages({"posting": "x"})[2]["content"]) == expected
+
+
+def test_an_example_taken_from_the_cases_is_refused_with_file_field_and_case(paths, log):
+    ingest_golden(Project.load(paths), "run-1", log)
+    before = _snapshot(paths.warehouse_file)
+    case = json.loads((paths.golden_dir / "employer" / "cases" / "v1.jsonl").read_text().splitlines()[4])
+    # The same posting with different spacing and case is still the same posting.
+    leaked = {"posting": "  " + case["inputs"]["posting"].upper().replace("\n\n", "\n")}
+    _edit_task(paths, "employer", lambda d: d["examples"].append({"inputs": leaked, "output": case["expected"]}))
+    with pytest.raises(GoldenSetError) as caught:
+        ingest_golden(Project.load(paths), "run-2", log)
+    message = str(caught.value)
+    for words in ("employer/task.yaml", "field 'examples[6].inputs'", f"case '{case['id']}'", "v1.jsonl line 5",
+                  "must not be drawn from the cases being scored"):
+        assert words in message, message
+    assert _snapshot(paths.warehouse_file) == before
+
+
+def test_an_example_sharing_a_cases_posting_under_another_summary_is_refused(paths, log):
+    case = json.loads((paths.golden_dir / "grading" / "cases" / "v1.jsonl").read_text().splitlines()[0])
+    example = {"inputs": {"posting": case["inputs"]["posting"], "summary": "A different summary."}, "output": "FAIL"}
+    _edit_task(paths, "grading", lambda d: d.update(examples=[example]))
+    with pytest.raises(GoldenSetError, match=r"field 'examples\[0\].inputs.posting'.*same 'posting'|same 'posting'.*examples\[0\]"):
+        ingest_golden(Project.load(paths), "run-1", log)
+    assert not paths.warehouse_file.exists()
+
+
+@pytest.mark.parametrize("examples,field,words", [
+    ("not a list", "examples", "must be a list"),
+    ([{"inputs": {"posting": "x"}}], "examples[0].output", "required"),
+    ([{"inputs": {"text": "x"}, "output": "finance"}], "examples[0].inputs.posting", "needs 'posting'"),
+    ([{"inputs": {"posting": "x"}, "output": "astrology"}], "examples[0].output", "one of the labels"),
+    ([{"inputs": {"posting": "x"}, "output": "finance", "label": "y"}], "examples[0].label", "unknown field"),
+])
+def test_malformed_examples_name_the_field(paths, examples, field, words):
+    _edit_task(paths, "classification", lambda d: d.update(examples=examples))
+    with pytest.raises(GoldenSetError) as caught:
+        load_tasks(paths.golden_dir)
+    message = str(caught.value)
+    assert "classification/task.yaml" in message and f"field '{field}'" in message and words in message, message
+
+
+def test_threshold_reason_is_read_and_must_be_text(paths):
+    task = {t.name: t for t in load_tasks(paths.golden_dir)}["employer"]
+    assert task.qualification_threshold == 0.8 and "four times in five" in task.threshold_reason
+    _edit_task(paths, "employer", lambda d: d.update(threshold_reason=["a", "list"]))
+    with pytest.raises(GoldenSetError, match="field 'threshold_reason'"):
+        load_tasks(paths.golden_dir)

@@ -437,3 +437,45 @@ def test_a_failing_progress_callback_does_not_duplicate_rows(server, cache):
     assert raised
     assert_one_row_per_request(frame, requests)
     assert frame["error_class"].null_count() == 5
+
+
+# ---------------------------------------------------------------- completion mode (base models)
+def test_completion_mode_goes_to_the_text_endpoint_with_prompt_stop_and_retries(server, cache):
+    from model_eval.golden import load_tasks
+    from model_eval.prompts import CompletionTemplate
+
+    template = CompletionTemplate(system="{text}\n\n", user="{text}", assistant=" {text}\n\n", stop=("\n\n",))
+    seen: list = []
+
+    def script(info):
+        seen.append(info)
+        return rate_limited(retry_after=0.05) if info.attempt == 1 else ok(" Kestrel Supply", prompt_tokens=300, completion_tokens=3)
+
+    server.script = script
+    spec = make_spec(server, mode="completion", completion_template=template)
+    task = load_tasks(GOLDEN_DIR, only=["employer"])[0]
+    cases = pl.DataFrame({"task": ["employer"] * 3, "dataset_version": [task.dataset_version] * 3,
+                          "case_id": ["e1", "e2", "e3"], "inputs_json": [json.dumps({"posting": f"Posting {i}"}) for i in range(3)]})
+    requests = list(iter_requests(spec, [task], cases.iter_rows(named=True)))
+    frame, stats = run(spec, requests, cache)
+
+    assert_one_row_per_request(frame, requests)
+    assert {info.endpoint for info in seen} == {"text"}               # never the chat endpoint
+    # Repeats of a case send the same body, so only each case's first arrival is rate-limited.
+    assert server.count(429) == 3 and stats.retries == 3 and server.count(200) == len(requests)
+    for info in seen:
+        assert "messages" not in info.payload and info.payload["stop"] == ["\n\n"]
+        assert info.payload["prompt"].startswith(task.system_prompt) and info.payload["prompt"].endswith("\n\nEmployer:")
+        assert info.payload["max_tokens"] == task.call_params["max_tokens"]
+    assert frame["response_text"].to_list() == [" Kestrel Supply"] * len(requests)
+    assert frame["input_tokens"].to_list() == [300] * len(requests)
+    assert frame["cost_usd"].to_list() == pytest.approx([(300 * PRICE_IN + 3 * PRICE_OUT) / 1e6] * len(requests))
+
+    # Unchanged, the second run is answered from the cache; a chat-mode spec asks anew.
+    again, again_stats = run(spec, list(iter_requests(spec, [task], cases.iter_rows(named=True))), cache)
+    assert again_stats.sent == 0 and again["from_cache"].all()
+    server.reset()
+    server.script = always(ok("Kestrel Supply"))
+    chat_spec = make_spec(server)
+    _, chat_stats = run(chat_spec, list(iter_requests(chat_spec, [task], cases.iter_rows(named=True))), cache)
+    assert chat_stats.sent == len(requests) and {r.endpoint for r in server.records} == {"chat"}

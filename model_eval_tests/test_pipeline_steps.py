@@ -60,7 +60,7 @@ def test_rematerializing_a_partition_replaces_it(fake_paths, fake_server, log):
     first = _evaluate(fake_paths, log)
     rows = _count(fake_paths, "SELECT count(*) FROM inference_results")
     assert first.errors == 0, first.error_classes
-    assert rows == first.total == 14 * 3 + 14 * 3 + 16 * 3
+    assert rows == first.total == 14 * 3 + 14 * 3 + 16 * 3 + 20 * 3
     sent = fake_server.total
     again = _evaluate(fake_paths, log)  # same eval run id: replace, not append
     assert _count(fake_paths, "SELECT count(*) FROM inference_results") == rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -65,6 +66,12 @@ def test_a_key_in_the_environment_is_used_but_never_stored(paths, log, monkeypat
     ("- name: ok\n    model: openai/x\n    max_attempts: 0", ["models[0].max_attempts"]),
     ("- name: ok\n    model: openai/x\n    enabled: yes please", ["models[0].enabled"]),
     ("- model: openai/x", ["models[0].name", "required"]),
+    ("- name: ok\n    model: openai/x\n    mode: instruct", ["models[0].mode", "chat, completion"]),
+    ("- name: ok\n    model: openai/x\n    mode: completion", ["models[0].completion_template", "required with mode: completion"]),
+    ("- name: ok\n    model: openai/x\n    completion_template: {system: '{text}', user: '{text}', assistant: '{text}', stop: [x]}",
+     ["models[0].completion_template", "only used with mode: completion"]),
+    ("- name: ok\n    model: openai/x\n    mode: completion\n    completion_template: {system: '{text}', user: 'Q', assistant: '{text}', stop: [x]}",
+     ["line 2", "models[0].completion_template.user", "exactly one {text}"]),
 ])
 def test_malformed_entries_name_line_and_field(tmp_path, entry, words):
     path = _write(tmp_path, "models:\n  " + entry + "\n")
@@ -96,3 +103,24 @@ def test_config_hash_ignores_the_key_but_follows_parameters(tmp_path, monkeypatc
     monkeypatch.setenv("K", "two")
     assert load_registry(_write(tmp_path, base % "0.1")).get("m").config_hash == first
     assert load_registry(_write(tmp_path, base % "0.2")).get("m").config_hash != first
+
+
+def test_completion_mode_and_its_template_are_read_and_change_the_config_hash(tmp_path):
+    base = "models:\n  - name: m\n    model: openai/x\n"
+    template = "    mode: completion\n    completion_template:\n      system: \"{text}\\n\\n\"\n      user: \"{text}\"\n" \
+               "      assistant: \" {text}\\n\\n\"\n      stop: [%s]\n"
+    chat = load_registry(_write(tmp_path, base)).get("m")
+    completion = load_registry(_write(tmp_path, base + template % '"\\n\\n"')).get("m")
+    other_stop = load_registry(_write(tmp_path, base + template % '"\\n"')).get("m")
+    assert chat.mode == "chat" and chat.completion_template is None
+    assert completion.mode == "completion" and completion.completion_template.stop == ("\n\n",)
+    assert completion.completion_template.assistant == " {text}\n\n"
+    assert len({chat.config_hash, completion.config_hash, other_stop.config_hash}) == 3
+    record = completion.public_record()
+    assert record["mode"] == "completion" and json.loads(record["completion_template_json"])["stop"] == ["\n\n"]
+
+
+def test_the_shipped_base_model_is_evaluated_in_completion_mode(paths):
+    registry = load_registry(paths.registry_file)
+    assert registry.get("gemma3-270m").mode == "completion"
+    assert registry.get("smollm2-135m").mode == "chat"

@@ -154,6 +154,12 @@ def test_a_snapshot_that_turns_bad_keeps_the_last_good_one(snapshot, caplog):
         (json.dumps({"tasks": {"grading": {**assignment(), "litellm_model": ""}}}), "field 'tasks.grading.litellm_model'"),
         (json.dumps({"tasks": {"grading": {**assignment(), "api_key_env": "sk-live-123"}}}), "NAME of an environment variable"),
         (json.dumps({"tasks": {"grading": {**assignment(), "params": {"api_key": "x"}}}}), "may not set api_key"),
+        (json.dumps({"tasks": {"grading": {**assignment(), "mode": "instruct"}}}), "field 'tasks.grading.mode'"),
+        (json.dumps({"tasks": {"grading": {**assignment(), "mode": "completion"}}}), "field 'tasks.grading.completion_template'"),
+        (json.dumps({"tasks": {"grading": {**assignment(), "mode": "completion",
+                                           "completion_template": {"system": "{text}", "user": "{text}", "assistant": "{text}",
+                                                                   "stop": []}}}}),
+         r"field 'tasks.grading.completion_template.stop'"),
     ],
 )
 def test_bad_snapshots_error_clearly_naming_the_file(snapshot, content, message):
@@ -177,7 +183,38 @@ def test_write_snapshot_validates_and_replaces_atomically(snapshot):
     write_snapshot(snapshot, {"grading": {"model": "m", "litellm_model": "openai/m"}})
     entry = json.loads(snapshot.read_text())["tasks"]["grading"]
     assert entry == {"model": "m", "litellm_model": "openai/m", "api_base": None, "api_key_env": None,
-                     "params": {}, "candidate": None, "stage": "full", "traffic_share": 0.0, "pinned": False}
+                     "params": {}, "mode": "chat", "completion_template": None, "candidate": None, "stage": "full",
+                     "traffic_share": 0.0, "pinned": False}
+
+
+BASE_MODEL_TEMPLATE = {"system": "{text}\n\n", "user": "{text}", "assistant": " {text}\n\n", "stop": ["\n\n"]}
+
+
+def test_a_base_model_candidate_is_asked_with_the_prompt_it_was_evaluated_with(snapshot):
+    candidate = choice("gemma3-270m", mode="completion", completion_template=BASE_MODEL_TEMPLATE)
+    write_snapshot(snapshot, {"employer": {**assignment("shadow"), "candidate": candidate}})
+    decision = Router(snapshot).route("employer", "u1")
+    messages = [{"role": "system", "content": "Name the employer."}, {"role": "user", "content": "Posting: x\n\nEmployer:"}]
+    assert not decision.primary.uses_text_completion
+    assert decision.primary.call_arguments(messages) == {"messages": messages}
+    assert decision.shadow.uses_text_completion
+    assert decision.shadow.call_arguments(messages) == {"prompt": "Name the employer.\n\nPosting: x\n\nEmployer:",
+                                                        "stop": ["\n\n"]}
+
+
+def test_the_published_snapshot_carries_the_registry_mode(snapshot):
+    from model_eval.promotion import AssignmentState, snapshot_tasks
+    from model_eval.registry import load_registry
+    from model_eval.settings import PROJECT_ROOT
+
+    state = AssignmentState(task="employer", model="gemma3-270m", stage="shadow", traffic_share=0.0,
+                            previous_model="smollm2-135m", pinned=False, assigned_at=datetime.now(UTC),
+                            baseline_accuracy=None, baseline_success_rate=None, baseline_p95_latency_ms=None)
+    write_snapshot(snapshot, snapshot_tasks({"employer": state}, load_registry(PROJECT_ROOT / "models.yaml")))
+    decision = Router(snapshot).route("employer", "u1")
+    assert decision.primary.model == "smollm2-135m" and decision.primary.mode == "chat"
+    assert decision.shadow.model == "gemma3-270m" and decision.shadow.uses_text_completion
+    assert decision.shadow.completion_template["stop"] == ["\n\n"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from model_eval.steps._common import Log, utc_now
 REGISTRY_COLUMN_TYPES = {"tasks": pl.List(pl.String), "tiers": pl.List(pl.Int64),
                          "price_input_per_million": pl.Float64, "price_output_per_million": pl.Float64,
                          "api_base": pl.String, "api_key_env": pl.String, "local_model": pl.String,
-                         "unavailable_reason": pl.String}
+                         "unavailable_reason": pl.String, "completion_template_json": pl.String}
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ def sync_registry(project: Project, eval_run_id: str, log: Log) -> RegistrySync:
             WHERE NOT EXISTS (SELECT 1 FROM models m WHERE m.model = s.model AND m.config_hash = s.config_hash)""")
         conn.execute("""
             UPDATE models m SET enabled = s.enabled, available = s.available, unavailable_reason = s.unavailable_reason,
-                   last_seen_run = s.last_seen_run, last_synced_at = s.last_synced_at
+                   last_seen_run = s.last_seen_run, last_synced_at = s.last_synced_at,
+                   mode = s.mode, completion_template_json = s.completion_template_json
             FROM synced s WHERE m.model = s.model AND m.config_hash = s.config_hash""")
     return RegistrySync(available=available, skipped=skipped)
 
