@@ -81,7 +81,7 @@ def scripted_models(golden: Path, state: dict):
     return script
 
 
-def evaluate_twice(root: Path, mp: pytest.MonkeyPatch) -> ScriptedProject:
+def evaluate_twice(root: Path, mp: pytest.MonkeyPatch, alerts: dict | None = None) -> ScriptedProject:
     """Set up the project under `root`, run two evaluations (the second asking anew) and return it all.
 
     The scripted server is stopped before returning; `server` keeps its counters.
@@ -103,7 +103,9 @@ def evaluate_twice(root: Path, mp: pytest.MonkeyPatch) -> ScriptedProject:
         deployment = root / "deployment.yaml"
         deployment.write_text(yaml.safe_dump({
             "initial_assignments": {task: "steady-small" for task in TASKS},
-            "alerts": {"log_file": str(root / "alerts.log")},
+            # A promoted model stays in shadow here, so a later run with nothing new changes nothing.
+            "rollout": {"min_hours_in_stage": 1000},
+            "alerts": {"log_file": str(root / "alerts.log"), **(alerts or {})},
         }))
         instance = use_project_files(mp, root, golden, registry, deployment)
         paths = ProjectPaths.from_env()
