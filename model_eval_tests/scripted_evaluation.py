@@ -3,8 +3,8 @@
 
 * `oracle-large` - answers every case right, slowly (its body trickles out), priced high;
 * `steady-small` - answers right except on every third case, fast, priced low; the assigned model;
-* `turncoat`     - right on every case in the first run, wrong on every case in the second: drift.
-  It has no price, so its cost is unknown.
+* `turncoat`     - right on every case in the first run but slower than `oracle-large` (so it never
+  wins), wrong on every case in the second: drift. It has no price, so its cost is unknown.
 
 The second run asks every model anew (no cached answers), so drift can be measured.
 """
@@ -75,7 +75,7 @@ def scripted_models(golden: Path, state: dict):
             third = int(hashlib.sha256(info.last_message.encode()).hexdigest(), 16) % 3 == 0
             return ok(_wrong(task, expected) if third else expected)
         if model == "turncoat":
-            return ok(_wrong(task, expected) if state["turned"] else expected)
+            return ok(_wrong(task, expected)) if state["turned"] else slow_body(0.12, chunks=4, text=expected)
         return ok("I cannot tell")
 
     return script

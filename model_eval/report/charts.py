@@ -48,7 +48,7 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
 def _short(text: object, limit: int = 160) -> str:
     value = "" if text is None else str(text)
     value = value if len(value) <= limit else value[: limit - 1] + "…"
-    return html.escape(value).replace("\n", " ")
+    return html.escape(value, quote=False).replace("\n", " ")
 
 
 def _interval_errors(board: pl.DataFrame) -> dict:
@@ -197,6 +197,7 @@ def assignment_timeline(section: TaskSection, colours: dict[str, str], now: date
                                              "partial rollout; ticks: each recorded change"),
                       barmode="group", height=max(260, 160 + 50 * history["model"].n_unique()),
                       xaxis=dict(type="date", title="time"), yaxis=dict(title="model", type="category"))
+    fig.update_layout(legend=dict(y=-0.3), margin=dict(b=90))
     return fig
 
 
