@@ -22,7 +22,7 @@ import yaml
 
 from model_eval.definitions import defs
 from model_eval.orchestration import EvaluationOutcome, run_evaluation
-from model_eval.registry import load_registry
+from model_eval.project import Project
 from model_eval.settings import ProjectPaths
 from model_eval_tests.conftest import copy_golden, use_project_files
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, ok, slow_body
@@ -109,11 +109,13 @@ def evaluate_twice(root: Path, mp: pytest.MonkeyPatch, alerts: dict | None = Non
         }))
         instance = use_project_files(mp, root, golden, registry, deployment)
         paths = ProjectPaths.from_env()
-        models = list(load_registry(paths.registry_file).models)
-        outcomes = [run_evaluation(defs, instance, paths, load_registry(paths.registry_file), models, TASKS, say=lambda _: None)]
+        project = Project.load(paths)
+        definitions = defs()
+        models = list(project.registry.models)
+        outcomes = [run_evaluation(definitions, instance, project, models, TASKS, say=lambda _: None)]
         state["turned"] = True
-        outcomes.append(run_evaluation(defs, instance, paths, load_registry(paths.registry_file), models, TASKS,
-                                       say=lambda _: None, max_cache_age_hours=0.0))
+        outcomes.append(run_evaluation(definitions, instance, project, models, TASKS, say=lambda _: None,
+                                       max_cache_age_hours=0.0))
     finally:
         server.stop()
     env = {"MODEL_EVAL_GOLDEN_DIR": str(golden), "MODEL_EVAL_REGISTRY": str(registry),

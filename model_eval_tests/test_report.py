@@ -159,7 +159,7 @@ def test_summary_on_demand_names_champions_drift_cost_and_report(project):
 def test_a_scheduled_evaluation_sends_the_summary_even_when_nothing_changed(project):
     """What `evaluation_complete` requests after the weekly schedule's runs: the recommend job, tagged schedule."""
     sent_before = len(project.webhook.requests)
-    result = defs.resolve_job_def("recommend").execute_in_process(
+    result = defs().resolve_job_def("recommend").execute_in_process(
         instance=project.instance, tags={EVAL_RUN_TAG: "weekly-test", TRIGGER_TAG: "schedule"}, raise_on_error=False)
     assert result.success
     assert len(project.webhook.requests) == sent_before + 1
