@@ -181,3 +181,30 @@ def test_a_scheduled_evaluation_sends_the_summary_even_when_nothing_changed(proj
 ])
 def test_pareto_front(points, front):
     assert pareto_front(points) == front
+
+
+def test_a_task_no_model_was_evaluated_on_still_gets_its_section(tmp_path):
+    """A recommendation with no candidates (e.g. a new task no model serves yet): the report says so, no chart breaks."""
+    from datetime import datetime
+
+    from model_eval.report import write_report
+    from model_eval.settings import ProjectPaths
+
+    paths = ProjectPaths(golden_dir=tmp_path / "golden", registry_file=tmp_path / "models.yaml",
+                         warehouse_file=tmp_path / "warehouse" / "w.duckdb", cache_file=tmp_path / "cache.sqlite")
+    row = {"eval_run_id": "r1", "task": "summaries", "dataset_version": "v1", "policy": "strict", "is_task_policy": True,
+           "champion": None, "runner_up": None, "champion_score": None, "runner_up_score": None, "confidence": None,
+           "qualified": [], "candidates": [], "ranking_json": "[]", "reasoning": "no evaluated model",
+           "source_eval_runs": [], "created_at": datetime(2026, 11, 1)}
+    with warehouse.write_connection(paths.warehouse_file) as conn:
+        conn.register("r", pl.DataFrame([row], schema_overrides={"champion": pl.String, "runner_up": pl.String,
+                                                                 "champion_score": pl.Float64, "runner_up_score": pl.Float64,
+                                                                 "confidence": pl.Float64, "qualified": pl.List(pl.String),
+                                                                 "candidates": pl.List(pl.String),
+                                                                 "source_eval_runs": pl.List(pl.String)}).to_arrow())
+        conn.execute("INSERT INTO recommendations BY NAME SELECT * FROM r")
+    written = write_report(paths)
+    page = written.path.read_text()
+    assert written.path.name == "r1.html" and (paths.reports_dir / "latest.html").exists()
+    assert "No model was evaluated on this version." in page and "threshold unknown (task file gone)" in page
+    assert "no model qualifies" in page and "Plotly.newPlot" not in page

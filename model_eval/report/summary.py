@@ -111,7 +111,11 @@ def _regressions(data: ReportData, changes: RunChanges) -> list[str]:
     for section in data.tasks:
         for r in (section.drift.filter(pl.col("drifted") & (pl.col("direction") == "worse")).iter_rows(named=True)
                   if not section.drift.is_empty() else []):
-            out.append(f"{r['model']} on {section.task}: {r['metric']} worse ({r['detail']})")
+            unit = "" if r["metric"] == "accuracy" else " ms"
+            digits = 3 if r["metric"] == "accuracy" else 0
+            out.append(f"{r['model']} on {section.task}: {r['metric']} worse, {r['baseline_value']:.{digits}f}{unit} -> "
+                       f"{r['current_value']:.{digits}f}{unit} on {r['paired_cases']} paired cases "
+                       f"(Holm-adjusted p={r['p_value_holm']:.2g}; drift since run {r['baseline_eval_run_id']})")
         before = changes.previous.get(section.task)
         if before is not None and before["champion"] and section.champion is None and before["dataset_version"] == section.dataset_version:
             out.append(f"{section.task}: {before['champion']} no longer qualifies and no other model does")
