@@ -32,7 +32,7 @@ import duckdb
 import polars as pl
 
 from model_eval import warehouse
-from model_eval.stats import mcnemar_exact, normal_cdf
+from model_eval.stats import binomial_cdf, holm_adjust, normal_cdf
 
 EXACT_WILCOXON_MAX_N = 50  # beyond this (or with ties) the normal approximation is used, as scipy does
 
@@ -47,8 +47,11 @@ class DriftSettings:
 
 # ---------------------------------------------------------------- the two paired tests
 def sign_test(improved: int, worsened: int) -> float:
-    """Two-sided exact sign test on the cases that changed; ties (unchanged cases) carry no information."""
-    return mcnemar_exact(improved, worsened)
+    """Two-sided exact sign test on the cases that changed; ties (unchanged cases) carry no information.
+
+    Under "no change" each changed case is a fair coin, so the smaller count is Binomial(n, 1/2)."""
+    n = improved + worsened
+    return 1.0 if n == 0 else min(1.0, 2 * binomial_cdf(min(improved, worsened), n, 0.5))
 
 
 def _ranks(values: list[float]) -> list[float]:
@@ -108,18 +111,6 @@ def wilcoxon_signed_rank(differences: list[float]) -> SignedRankResult:
         return SignedRankResult(statistic, 1.0, n, "approx")
     z = (statistic - mean) / math.sqrt(variance)
     return SignedRankResult(statistic, min(1.0, 2 * normal_cdf(-abs(z))), n, "approx")
-
-
-def holm_adjust(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error control), in the input order."""
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
-    adjusted = [0.0] * m
-    running = 0.0
-    for position, index in enumerate(order):
-        running = max(running, min(1.0, (m - position) * p_values[index]))
-        adjusted[index] = running
-    return adjusted
 
 
 # ---------------------------------------------------------------- pairing fresh answers across runs

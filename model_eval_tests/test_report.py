@@ -80,10 +80,11 @@ def test_report_leaderboard_shows_case_level_figures_and_unknown_cost(project):
 def test_report_has_gates_with_p_values_assignment_history_and_drift(project):
     second = project.outcomes[1].eval_run_id
     page = (project.paths.reports_dir / f"{second}.html").read_text()
-    gates = _query(project, "SELECT * FROM promotion_gates WHERE eval_run_id = $run AND gate = 'not_worse' AND task = 'grading'",
-                   run=second)
-    assert gates.height == 1 and gates["test"][0] == "mcnemar"
-    assert gates["detail"][0].replace("&", "&amp;") in page.replace("&#x27;", "'")
+    gates = _query(project, "SELECT * FROM promotion_gates WHERE eval_run_id = $run AND gate = 'non_inferiority' "
+                            "AND task = 'grading'", run=second)
+    assert gates.height == 1 and gates["p_value"][0] is not None
+    row = re.search(r"<tr><td>non_inferiority</td>.*?</tr>", page.split('id="task-2"')[1]).group(0)  # grading's section
+    assert f">{gates['n_cases'][0]}<" in row and gates["test"][0] in row
     history = _query(project, "SELECT action, model, stage FROM model_assignments WHERE task = 'grading' ORDER BY seq")
     assert history.rows()[:2] == [("initial", "steady-small", "full"), ("promote", "oracle-large", "shadow")]
     assert page.count('id="task-0-assignments"') == 1
@@ -107,7 +108,8 @@ def test_recommendations_metadata_carries_report_path_and_per_task_floats(projec
     metadata = record.asset_materialization.metadata
     second = project.outcomes[1].eval_run_id
     assert metadata["report"].value == str(report_file(project.paths.reports_dir, second))
-    assert "| model | accuracy (95% CI)" in metadata["leaderboard"].value  # the Markdown leaderboard stays
+    assert "| model | n cases | accuracy" in metadata["leaderboard"].value  # the Markdown leaderboard stays
+    assert all(model in metadata["leaderboard"].value for model in ("oracle-large", "steady-small", "turncoat"))
     board = _query(project, "SELECT * FROM model_task_metrics WHERE eval_run_id = $run AND model = 'oracle-large'", run=second)
     for row in board.iter_rows(named=True):
         task = row["task"]
@@ -162,8 +164,9 @@ def test_a_scheduled_evaluation_sends_the_summary_even_when_nothing_changed(proj
     result = defs().resolve_job_def("recommend").execute_in_process(
         instance=project.instance, tags={EVAL_RUN_TAG: "weekly-test", TRIGGER_TAG: "schedule"}, raise_on_error=False)
     assert result.success
-    assert len(project.webhook.requests) == sent_before + 1
-    text = project.webhook.requests[-1].json()["text"]
+    summaries = [r.json()["text"] for r in project.webhook.requests[sent_before:] if "weekly summary" in r.json()["text"]]
+    assert len(summaries) == 1
+    text = summaries[0]
     assert "Evaluation run weekly-test" in text
     changes = text.split("Changes since the previous run")[1].split("Regressions:")[0]
     assert changes.strip().endswith("- none"), changes

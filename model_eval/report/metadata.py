@@ -39,7 +39,7 @@ def metrics_figures(board: pl.DataFrame) -> dict[str, float]:
     """One float per (model, task, figure) from a leaderboard (one metrics row per model and task)."""
     figures = {}
     for row in board.iter_rows(named=True):
-        for name in METRIC_FIGURES + tuple(c for c in ("flip_rate",) if c in board.columns):
+        for name in METRIC_FIGURES + tuple(c for c in ("flip_rate", "pass_all_k") if c in board.columns):
             if row.get(name) is not None:
                 figures[f"{row['model']}/{row['task']}/{name}"] = float(row[name])
     return figures

@@ -71,36 +71,48 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
 
 
 # Columns other helpers may add to model_task_metrics; shown when present.
-OPTIONAL_METRICS = {"flip_rate": "flip rate", "pass_hat_k": "pass^k", "pass_k": "pass^k"}
+OPTIONAL_METRICS = {"repeats": "repeats", "flip_rate": "flip rate", "pass_all_k": "pass^k"}
 
 
 def leaderboard_table(section: TaskSection) -> str:
     board = section.leaderboard
     qualified = set(section.recommendation["qualified"] or [])
     extra = [c for c in OPTIONAL_METRICS if c in board.columns]
-    headers = (["model", "", "accuracy", "95% interval", "cases", "calls", "correctness", "consistency"]
+    headers = (["model", "", "accuracy", "95% interval", "cases", "calls", "consistency"]
                + [OPTIONAL_METRICS[c] for c in extra] + ["success", "p50 ms", "p95 ms", "cost / case", "qualified"])
     rows = []
     for r in board.iter_rows(named=True):
         badge = ('<span class="badge champion">champion</span>' if r["model"] == section.champion else
                  '<span class="badge runner">runner-up</span>' if r["model"] == section.recommendation["runner_up"] else "")
         rows.append([_e(r["model"]), badge, _num(r["accuracy"]), f"{_num(r['accuracy_low'])}–{_num(r['accuracy_high'])}",
-                     str(r["cases"]), str(r["calls"]), _num(r["correctness"], 2), _num(r["consistency"], 2)]
-                    + [_num(r[c], 2) for c in extra]
+                     str(r["cases"]), str(r["calls"]), _num(r["consistency"], 2)]
+                    + [str(r[c]) if c == "repeats" else _num(r[c], 2) for c in extra]
                     + [_num(r["success_rate"], 2), _num(r["p50_latency_ms"], 0), _num(r["p95_latency_ms"], 0),
                        _cost(r["cost_per_case_usd"]), "yes" if r["model"] in qualified else "no"])
     numeric = set(range(2, len(headers) - 1))
     return _table(headers, rows, numeric)
 
 
+def _column(row: dict, name: str):
+    """A column older warehouses lack reads as missing."""
+    return row.get(name)
+
+
 def gates_table(section: TaskSection) -> str:
     if section.gates.is_empty():
         return ('<p class="note">No gate was recorded for this task in this run: nothing to promote, or the promotion '
                 'step did not run (see the run in the Dagster UI).</p>')
-    rows = [[_e(r["gate"]), '<span class="pass">pass</span>' if r["passed"] else '<span class="fail">FAIL</span>',
-             _e(r["champion"]), _e(r["incumbent"]), _e(r["test"] or "-"), _p(r["p_value"]), _num(r["effect_size"], 3),
-             f'<span class="reason">{_e(r["detail"])}</span>'] for r in section.gates.iter_rows(named=True)]
-    return _table(["gate", "result", "champion", "assigned", "test", "p-value", "effect", "detail"], rows, {5, 6})
+    rows = []
+    for r in section.gates.iter_rows(named=True):
+        low, high = _column(r, "ci_low"), _column(r, "ci_high")
+        interval = f"{_num(low)}–{_num(high)}" if low is not None or high is not None else "-"
+        estimate = _column(r, "estimate") if _column(r, "estimate") is not None else r["effect_size"]
+        rows.append([_e(r["gate"]), '<span class="pass">pass</span>' if r["passed"] else '<span class="fail">FAIL</span>',
+                     _e(r["champion"]), _e(r["incumbent"] or "-"), _e(r["test"] or "-"), _e(_column(r, "n_cases") or "-"),
+                     _num(estimate), interval, _p(r["p_value"]), _p(_column(r, "p_adjusted")),
+                     _num(_column(r, "detectable_difference"), 2), f'<span class="reason">{_e(r["detail"])}</span>'])
+    return _table(["gate", "result", "champion", "assigned", "test", "cases", "estimate", "interval", "p-value",
+                   "Holm p", "detectable", "detail"], rows, {5, 6, 8, 9, 10})
 
 
 def drift_table(section: TaskSection) -> str:
@@ -136,7 +148,9 @@ def _task_html(section: TaskSection, colours: dict[str, str], index: int) -> str
         parts.append('<p class="note">No model was evaluated on this version.</p></section>')
         return "\n".join(parts)
     parts += ["<h3>Leaderboard</h3>", leaderboard_table(section),
-              '<p class="note">Intervals are 95% intervals as stored in model_task_metrics; n is given as cases and calls.</p>',
+              '<p class="note">Accuracy is the mean over cases of each case\'s share of right repeats; its 95% interval is '
+              'the one model_task_metrics stores (over cases). pass^k: share of cases right on every repeat; flip rate: '
+              'share of cases whose repeats disagree.</p>',
               '<div class="grid2">',
               _figure(charts.accuracy_chart(section, colours), f"{anchor}-accuracy"),
               _figure(charts.trends_chart(section, colours), f"{anchor}-trends"),
