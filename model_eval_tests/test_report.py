@@ -176,6 +176,26 @@ def test_a_scheduled_evaluation_sends_the_summary_even_when_nothing_changed(proj
     assert (project.paths.reports_dir / "weekly-test.html").exists()
 
 
+def test_a_report_that_cannot_be_written_blocks_neither_promotion_nor_the_summary(project):
+    """Fault injected: a file sits where the reports folder should be."""
+    reports = project.paths.reports_dir
+    kept = reports.with_name("reports-kept")
+    reports.rename(kept)
+    reports.write_text("not a folder")
+    try:
+        sent_before = len(project.webhook.requests)
+        result = defs().resolve_job_def("recommend").execute_in_process(
+            instance=project.instance, tags={EVAL_RUN_TAG: "weekly-broken", TRIGGER_TAG: "schedule"}, raise_on_error=False)
+        assert result.success
+        materialized = {event.asset_key.path[-1] for event in result.get_asset_materialization_events()}
+        assert {"recommendations", "model_assignments"} <= materialized  # the promotion step ran
+        summaries = [r.json()["text"] for r in project.webhook.requests[sent_before:] if "weekly summary" in r.json()["text"]]
+        assert len(summaries) == 1 and "Report: not written" in summaries[0]
+    finally:
+        reports.unlink()
+        kept.rename(reports)
+
+
 @pytest.mark.parametrize("points,front", [
     ([("a", 1.0, 0.9), ("b", 2.0, 0.8)], ["a"]),                       # a is better and cheaper
     ([("a", 1.0, 0.7), ("b", 2.0, 0.8), ("c", 3.0, 0.75)], ["a", "b"]),

@@ -67,4 +67,7 @@ def summarize(paths: ProjectPaths, eval_run_id: str | None = None, report_path: 
     with warehouse.read_connection(paths.warehouse_file) as conn:
         data = load_report_data(conn, eval_run_id, tasks)
         changes = load_run_changes(conn, data.eval_run_id)
-    return build_summary(data, changes, report_path or report_file(paths.reports_dir, data.eval_run_id))
+    if report_path is None:
+        written = report_file(paths.reports_dir, data.eval_run_id)
+        report_path = written if written.is_file() else None
+    return build_summary(data, changes, report_path)

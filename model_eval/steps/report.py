@@ -32,6 +32,18 @@ def write_run_report(project: Project, eval_run_id: str | None = None) -> Writte
     return write_report(project.paths, eval_run_id, project.tasks)
 
 
+def write_run_report_safely(project: Project, eval_run_id: str, log: Log) -> WrittenReport | None:
+    """The report as a by-product of a step that must not fail for it: a promotion or a rollback never
+    waits on a chart. The failure is logged with its reason; `model-eval report` can write it later."""
+    try:
+        report = write_run_report(project, eval_run_id)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning(f"report for {eval_run_id} not written: {type(exc).__name__}: {exc}")
+        return None
+    log.info(f"report: {report.path}")
+    return report
+
+
 def send_run_summary(project: Project, eval_run_id: str, report_path: Path | None,
                      log: Log) -> tuple[Summary, list[DeliveryReport]]:
     """Send the run's summary to every alert channel deployment.yaml configures, also when nothing changed."""

@@ -6,7 +6,7 @@ from model_eval.metrics import leaderboard
 from model_eval.report.data import current_leaderboard
 from model_eval.report.metadata import metrics_figures, recommendation_figures
 from model_eval.steps.recommendation import recommend_tasks, refresh_metrics
-from model_eval.steps.report import write_run_report
+from model_eval.steps.report import write_run_report_safely
 from model_eval.warehouse import read_connection
 
 
@@ -53,12 +53,11 @@ def recommendations(context: dg.AssetExecutionContext, model_eval: ModelEvalReso
     for r in chosen.iter_rows(named=True):
         context.log.info(f"{r['task']}: {r['reasoning']}")
     # Written again after promotion (model_assignments), so this run's gates and assignments are in it.
-    report = write_run_report(project, eval_run_id(context))
-    context.log.info(f"report: {report.path}")
+    report = write_run_report_safely(project, eval_run_id(context), context.log)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": frame.height,
         "champions": dg.MetadataValue.json({t: c[0] for t, c in champions.items()}),
         "leaderboard": dg.MetadataValue.md(leaderboard_markdown(board, champions) if board.height else "no metrics yet"),
-        "report": dg.MetadataValue.path(str(report.path)),
-        **recommendation_figures(report.data),
+        "report": dg.MetadataValue.path(str(report.path)) if report else "not written (see the step's log)",
+        **(recommendation_figures(report.data) if report else {}),
     })
