@@ -77,6 +77,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(outcome.error)
     _print_leaderboard(paths, outcome.eval_run_id, task_names)
     _print_assignments(paths)
+    from model_eval.report import report_file
+
+    report = report_file(paths.reports_dir, outcome.eval_run_id)
+    if report.exists():
+        print(f"\nreport: {report}")
     if outcome.blocked:
         print(f"\npromotion held back by gate(s) (other tasks were not affected): {outcome.blocked}")
     print(f"\neval run {outcome.eval_run_id} finished in {time.perf_counter() - started:.1f} s; warehouse: {paths.warehouse_file}")
@@ -189,6 +194,30 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return run_service(command, cwd=PROJECT_ROOT)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a run's HTML report again (the newest run by default) and print its path; --summary also sends the summary."""
+    from model_eval.errors import ModelEvalError
+    from model_eval.project import Project
+    from model_eval.report import NoRecommendationError
+    from model_eval.steps._common import logger
+    from model_eval.steps.report import send_run_summary, write_run_report
+
+    try:
+        project = Project.load(ProjectPaths.from_env())
+        report = write_run_report(project, args.run)
+        if args.summary:
+            summary, deliveries = send_run_summary(project, report.data.eval_run_id, report.path, logger())
+            print(summary.title)
+            print(summary.text)
+            for delivery in deliveries:
+                outcome = "skipped: " + (delivery.note or "") if delivery.skipped else "ok" if delivery.ok else f"failed: {delivery.error}"
+                print(f"summary to {delivery.channel}: {outcome}")
+    except (NoRecommendationError, FileNotFoundError, ModelEvalError) as exc:
+        return _fail(str(exc))
+    print(report.path)
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     """Run SQL against the warehouse, read-only unless --write is given."""
     import duckdb
@@ -232,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     ui = sub.add_parser("ui", help="open the Dagster UI on this checkout's instance")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
+    report = sub.add_parser("report", help="write an evaluation run's HTML report again and print its path")
+    report.add_argument("--run", help="eval run id (default: the newest run with recommendations)")
+    report.add_argument("--summary", action="store_true", help="also send the run's summary to the alert channels and print it")
+    report.set_defaults(func=cmd_report)
     sql = sub.add_parser("sql", help="query the warehouse (read-only unless --write)")
     sql.add_argument("query", help="SQL text, or - to read it from standard input")
     sql.add_argument("--write", action="store_true", help="open the warehouse for writing")

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from model_eval.drift import DriftSettings
 from model_eval.errors import InputError
 
 DEFAULT_SCHEDULE_CRON = "0 1 * * 0"  # Sundays 01:00
@@ -62,6 +63,7 @@ class Deployment:
     schedule_cron: str
     schedule_timezone: str
     discovery: tuple[DiscoveryEndpoint, ...] = field(default=())
+    drift: DriftSettings = field(default_factory=DriftSettings)
 
 
 def _section(data: dict, name: str, cls, path: Path):
@@ -125,7 +127,7 @@ def _parse(data, path: Path, base_dir: Path) -> Deployment:
     from model_eval.alerts import AlertSettings
     if not isinstance(data, dict):
         raise InputError(path, "must be a mapping of sections")
-    known = {"initial_assignments", "gates", "rollout", "degradation", "alerts", "schedule", "discovery"}
+    known = {"initial_assignments", "gates", "rollout", "degradation", "alerts", "schedule", "discovery", "drift"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise InputError(path, f"unknown section; allowed: {', '.join(sorted(known))}", field=unknown[0])
@@ -162,4 +164,5 @@ def _parse(data, path: Path, base_dir: Path) -> Deployment:
         schedule_cron=cron,
         schedule_timezone=str(schedule.get("timezone", "UTC")),
         discovery=tuple(endpoints),
+        drift=_section(data, "drift", DriftSettings, path),
     )

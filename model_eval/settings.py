@@ -39,6 +39,11 @@ class ProjectPaths:
         return self.warehouse_file.parent / "production_log"
 
     @property
+    def reports_dir(self) -> Path:
+        """The HTML report of every evaluation run, and latest.html."""
+        return self.warehouse_file.parent / "reports"
+
+    @property
     def discovered_registry_file(self) -> Path:
         """Registry entries the new-model sensor found on discovery endpoints."""
         return self.warehouse_file.parent / "discovered_models.yaml"

@@ -103,6 +103,13 @@ CREATE TABLE IF NOT EXISTS model_assignments (
 );
 ALTER TABLE model_assignments ADD COLUMN IF NOT EXISTS baseline_dataset_version VARCHAR;
 ALTER TABLE model_assignments ADD COLUMN IF NOT EXISTS baseline_eval_run_id VARCHAR;
+CREATE TABLE IF NOT EXISTS model_drift (
+    eval_run_id VARCHAR, baseline_eval_run_id VARCHAR, model VARCHAR, task VARCHAR, dataset_version VARCHAR,
+    metric VARCHAR, paired_cases BIGINT, paired_calls BIGINT, baseline_value DOUBLE, current_value DOUBLE,
+    change DOUBLE, relative_change DOUBLE, improved_cases BIGINT, worsened_cases BIGINT, test VARCHAR,
+    statistic DOUBLE, p_value DOUBLE, p_value_holm DOUBLE, drifted BOOLEAN, direction VARCHAR, detail VARCHAR,
+    computed_at TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS promotion_gates (
     eval_run_id VARCHAR, task VARCHAR, champion VARCHAR, incumbent VARCHAR, gate VARCHAR, passed BOOLEAN,
     detail VARCHAR, test VARCHAR, p_value DOUBLE, effect_size DOUBLE, checked_at TIMESTAMP

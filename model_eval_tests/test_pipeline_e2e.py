@@ -89,6 +89,8 @@ def test_cli_runs_succeed_and_print_leaderboards_and_champions(evaluated):
     for model in LOCAL_MODELS:
         assert f"{model}: done in" in first
     assert "skip gpt-4o-mini: environment variable OPENAI_API_KEY is not set" in first
+    report = next(line for line in first.splitlines() if line.startswith("report: ")).removeprefix("report: ")
+    assert Path(report).is_file() and Path(report).parent.name == "reports"
 
 
 def test_every_case_and_repeat_answered_once_per_model_per_run(evaluated):

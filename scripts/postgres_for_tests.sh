@@ -41,18 +41,9 @@ if bin_dir=$(find_bin_dir); then
   exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  log "no initdb/pg_ctl/postgres on PATH or in $PG_LIB_ROOT/*/bin, and no apt-get to install them"
-  exit 1
-fi
-if [ "$(id -u)" -eq 0 ]; then
-  as_root=()
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-  as_root=(sudo -n)
-else
-  log "PostgreSQL is not installed and installing it needs root (or password-less sudo)"
-  exit 1
-fi
+# shellcheck source=scripts/apt_for_tests.sh
+source "$(dirname "$0")/apt_for_tests.sh"
+need_root "PostgreSQL (initdb/pg_ctl/postgres, looked for on PATH and in $PG_LIB_ROOT/*/bin)" || exit 1
 
 log "installing PostgreSQL with apt-get (takes a minute) ..."
 # No main cluster: the package's postinst reads create_main_cluster from createcluster.conf, which
@@ -70,11 +61,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# DEBIAN_FRONTEND through `env`, since sudo drops the caller's environment. apt's own output goes
-# to stderr so that stdout stays "the bin dir" for callers. Bounded: a hung mirror must not hang CI.
-timeout 900 "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-timeout 900 "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-  apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 postgresql >&2
+apt_install postgresql
 
 if bin_dir=$(find_bin_dir); then
   log "installed: $bin_dir"

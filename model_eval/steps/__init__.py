@@ -10,4 +10,5 @@ leaves the warehouse exactly as it was.
 | `evaluation.py` | inference_results, scores |
 | `recommendation.py` | model_task_metrics, recommendations |
 | `promotion.py` | production_calls, model_assignments |
+| `report.py` | model_drift; the report `recommendations` and `model_assignments` write; the summary after a scheduled run |
 """

@@ -3,7 +3,10 @@ import polars as pl
 
 from model_eval.defs.resources import ModelEvalResource, eval_run_id, is_orchestrated
 from model_eval.metrics import leaderboard
+from model_eval.report.data import current_leaderboard
+from model_eval.report.metadata import metrics_figures, recommendation_figures
 from model_eval.steps.recommendation import recommend_tasks, refresh_metrics
+from model_eval.steps.report import write_run_report_safely
 from model_eval.warehouse import read_connection
 
 
@@ -11,10 +14,14 @@ from model_eval.warehouse import read_connection
           description="Per (eval run, model, task): accuracy over cases with a 95% Wilson interval (n = cases), pass^k, "
                       "flip rate, consistency, latency percentiles, tokens, cost.")
 def model_task_metrics(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
+    project = model_eval.project()
     # An evaluation's recommend run starts once all its partitions have finished: its scores join the metrics.
-    metrics = refresh_metrics(model_eval.project(), context.log, completing=eval_run_id(context) if is_orchestrated(context) else None)
+    metrics = refresh_metrics(project, context.log, completing=eval_run_id(context) if is_orchestrated(context) else None)
+    with read_connection(project.paths.warehouse_file) as conn:
+        board = current_leaderboard(conn)
     return dg.MaterializeResult(metadata={"dagster/row_count": metrics.height,
-                                          "eval_runs": metrics["eval_run_id"].n_unique() if metrics.height else 0})
+                                          "eval_runs": metrics["eval_run_id"].n_unique() if metrics.height else 0,
+                                          **metrics_figures(board)})
 
 
 def leaderboard_markdown(board: pl.DataFrame, champions: dict[str, tuple[str | None, str | None, str]]) -> str:
@@ -35,7 +42,7 @@ def leaderboard_markdown(board: pl.DataFrame, champions: dict[str, tuple[str | N
     return "\n".join(lines)
 
 
-@dg.asset(group_name="recommendation", deps=["model_task_metrics"], kinds={"duckdb"},
+@dg.asset(group_name="recommendation", deps=["model_task_metrics", "model_drift"], kinds={"duckdb"},
           description="A champion and runner-up per task under every policy, with reasoning and confidence.")
 def recommendations(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
     project = model_eval.project()
@@ -46,8 +53,12 @@ def recommendations(context: dg.AssetExecutionContext, model_eval: ModelEvalReso
         board = leaderboard(conn)
     for r in chosen.iter_rows(named=True):
         context.log.info(f"{r['task']}: {r['reasoning']}")
+    # Written again after promotion (model_assignments), so this run's gates and assignments are in it.
+    report = write_run_report_safely(project, eval_run_id(context), context.log)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": frame.height,
         "champions": dg.MetadataValue.json({t: c[0] for t, c in champions.items()}),
         "leaderboard": dg.MetadataValue.md(leaderboard_markdown(board, champions) if board.height else "no metrics yet"),
+        "report": dg.MetadataValue.path(str(report.path)) if report else "not written (see the step's log)",
+        **(recommendation_figures(report.data) if report else {}),
     })
