@@ -41,6 +41,7 @@ def _fail(message: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from model_eval.errors import ModelEvalError
     from model_eval.project import Project
+    from model_eval.capacity import measured_memory_mb
     from model_eval.registry import split_by_availability
 
     paths = ProjectPaths.from_env()
@@ -50,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         chosen = project.registry.select(_split(args.models))
     except ModelEvalError as exc:
         return _fail(str(exc))
-    runnable, skipped = split_by_availability(chosen)
+    runnable, skipped = split_by_availability(chosen, measured_memory_mb(paths.warehouse_file, chosen))
     for name, reason in skipped.items():
         if args.models:  # a model asked for by name must run
             return _fail(f"model {name} cannot run: {reason}")
@@ -105,14 +106,16 @@ def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[s
                             & pl.col("model").is_in(rec["candidates"]))
         # n = cases: every accuracy figure and interval is over cases, repeats only measure consistency.
         print(f"  {'model':<22}{'n':>4}  {'accuracy (95% CI)':<22}{'flip':>6}{'consistent':>11}{'success':>9}"
-              f"{'p50 ms':>9}{'p95 ms':>9}{'cost/case':>12}")
+              f"{'p50 ms':>9}{'p95 ms':>9}{'cost/case':>12}{'tok/s':>8}{'mem MB':>9}")
         for r in rows.iter_rows(named=True):
             cost = "unknown" if r["cost_per_case_usd"] is None else f"{r['cost_per_case_usd']:.6f}"
             p50 = "-" if r["p50_latency_ms"] is None else f"{r['p50_latency_ms']:.0f}"
             p95 = "-" if r["p95_latency_ms"] is None else f"{r['p95_latency_ms']:.0f}"
             acc = f"{r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f})"
+            rate = "-" if r["output_tokens_per_s"] is None else f"{r['output_tokens_per_s']:.1f}"
+            memory = "unknown" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
             print(f"  {r['model']:<22}{r['cases']:>4}  {acc:<22}{r['flip_rate']:>6.2f}{r['consistency']:>11.2f}"
-                  f"{r['success_rate']:>9.2f}{p50:>9}{p95:>9}{cost:>12}")
+                  f"{r['success_rate']:>9.2f}{p50:>9}{p95:>9}{cost:>12}{rate:>8}{memory:>9}")
         champion = rec["champion"] or "none qualified"
         print(f"  champion: {champion}; runner-up: {rec['runner_up'] or '-'}"
               + (f"; confidence {rec['confidence']:.2f}" if rec["confidence"] is not None else ""))

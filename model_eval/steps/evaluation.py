@@ -8,10 +8,11 @@ import shutil
 
 import polars as pl
 
-from model_eval import warehouse
+from model_eval import capacity, warehouse
 from model_eval.errors import GoldenSetError
 from model_eval.inference import ProgressFn, RetryPolicy, RunStats, iter_requests, run_model
 from model_eval.project import Project
+from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache
 from model_eval.scoring import score_results
 from model_eval.steps._common import Log, utc_now
@@ -69,7 +70,7 @@ def run_inference(
         reader = conn.sql(CURRENT_CASES_FOR_INFERENCE, params={"tasks": [t.name for t in tasks]}).to_arrow_reader(2000)
         cases = (row for batch in reader for row in batch.to_pylist())
         kwargs = {"completion": completion} if completion is not None else {}
-        with ResponseCache(paths.cache_file) as cache:
+        with ResponseCache(paths.cache_file) as cache, capacity.memory_sampler(spec) as sampler:
             _, stats = asyncio.run(run_model(spec, iter_requests(spec, tasks, cases), cache, retry=retry, on_progress=on_progress,
                                              cache_max_age_s=cache_max_age_s, sink=write_batch, total=total, **kwargs))
     if stats.unknown_cost:
@@ -79,12 +80,36 @@ def run_inference(
         part_files = sorted(str(p) for p in staging.glob("part-*.parquet"))
         if part_files:
             # The file list is a parameter: a path with quotes or glob characters stays a path.
-            conn.execute("""INSERT INTO inference_results BY NAME
-                            SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id FROM read_parquet(?)""",
-                         [eval_run_id, dagster_run_id, part_files])
+            conn.execute(f"""INSERT INTO inference_results BY NAME
+                             SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id,
+                                    CASE WHEN error_class IS NULL THEN {capacity.OUTPUT_TOKENS_PER_S_SQL} END AS output_tokens_per_s
+                             FROM read_parquet(?)""", [eval_run_id, dagster_run_id, part_files])
+        _record_resources(conn, spec, eval_run_id, sampler, part_files)
         _record_eval_run(conn, eval_run_id, trigger)
     shutil.rmtree(staging, ignore_errors=True)
     return stats
+
+
+def _record_resources(conn, spec: ModelSpec, eval_run_id: str, sampler, part_files: list[str]) -> None:
+    """Replace this (eval run, model) slice of `model_resources`: per task, the serving process's peak
+    resident memory inside the windows of the calls that reached the model, and the model file's size."""
+    conn.execute("DELETE FROM model_resources WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
+    if not spec.local_model or not part_files:
+        return  # a remote server's memory is unknown: no row
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for task, start, end, sent in conn.execute("""
+            SELECT task, completed_at - latency_ms / 1000, completed_at, NOT from_cache FROM read_parquet(?)
+            ORDER BY completed_at""", [part_files]).fetchall():
+        windows.setdefault(task, [])
+        if sent:
+            windows[task].append((start, end))
+    file_mb = capacity.model_file_mb(spec.local_model)
+    rows = []
+    for task, task_windows in sorted(windows.items()):
+        peak = capacity.peak_in_windows(sampler.samples, task_windows) if sampler is not None else None
+        rows.append([eval_run_id, spec.name, task, spec.local_model, file_mb, None if peak is None else peak[0] / 1024,
+                     0 if peak is None else peak[1], None if sampler is None else sampler.pid, utc_now()])
+    conn.executemany("INSERT INTO model_resources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:

@@ -42,7 +42,7 @@ def new_model_sensor(context: dg.SensorEvaluationContext, model_eval: ModelEvalR
     else:
         seen = set(json.loads(context.cursor))
     new = [m for m in registry.models if m.enabled and f"{m.name}:{m.config_hash}" not in seen]
-    ready = callable_models(new, context.log)  # not marked seen until callable: a key added later still triggers it
+    ready = callable_models(new, context.log, paths.warehouse_file)  # not marked seen until callable: a key added later still triggers it
     seen |= {f"{m.name}:{m.config_hash}" for m in ready}
     requests = [request for m in ready for request in evaluation_requests(
         [m], f"new-{m.name}-{m.config_hash[:8]}", "sensor", f"new-model:{m.name}:{m.config_hash}")]
@@ -64,7 +64,8 @@ def golden_version_sensor(context: dg.SensorEvaluationContext, model_eval: Model
     tasks = {t.name: t for t in project.select_tasks(changed)}
     requests, names = [], set()
     for name in changed:
-        models = callable_models([m for m in project.registry.models if m.enabled and m.serves(name, tasks[name].tier)], context.log)
+        models = callable_models([m for m in project.registry.models if m.enabled and m.serves(name, tasks[name].tier)], context.log,
+                                 project.paths.warehouse_file)
         eval_run_id = f"golden-{name}-{prints[name][:8]}"
         requests += evaluation_requests(models, eval_run_id, "golden_change", f"golden:{name}:{prints[name]}", tasks=[name])
         names |= {m.name for m in models}
