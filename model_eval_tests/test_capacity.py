@@ -260,3 +260,46 @@ def test_bad_resource_limits_name_the_file_line_and_field(tmp_path, body, field,
     with pytest.raises(RegistryError) as error:
         load_registry(path)
     assert error.value.field == field and error.value.line == line and str(path) in str(error.value)
+
+
+@pytest.mark.llm
+def test_each_bundled_model_is_measured_while_it_answers(tmp_path, paths, log):
+    """The real llama.cpp server swaps the two bundled models in one process: each gets its own figure."""
+    pytest.importorskip("llama_cpp.server", reason="needs the local extra: pip install -e '.[local]'")
+    from model_eval.local_server import LocalModelServer
+
+    copy_golden(tmp_path / "golden-one", cases_per_task=10, tasks=["classification"])
+    paths = paths.__class__(golden_dir=tmp_path / "golden-one", registry_file=paths.registry_file,
+                            warehouse_file=paths.warehouse_file, cache_file=paths.cache_file)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    paths.registry_file.write_text(yaml.safe_dump({"local_server": {"port": port}, "models": [
+        {**entry, "price_per_million": {"input": 0.0, "output": 0.0}, "max_concurrency": 1, "timeout_s": 180}
+        for entry in LOCAL_ENTRIES]}))
+    project = Project.load(paths)
+    with LocalModelServer(project.registry.local_models(), port=port, log_path=tmp_path / "llama.log") as server:
+        _evaluate_models(paths, log, ["small", "larger", "small"], ["run-small", "run-larger", "run-small-again"])
+        server_pid = server._process.pid
+    with warehouse.read_connection(paths.warehouse_file) as conn:
+        peaks = {run: (pid, peak, samples) for run, pid, peak, samples in conn.sql(
+            "SELECT eval_run_id, server_pid, peak_rss_mb, rss_samples FROM model_resources").fetchall()}
+        rates = dict(conn.sql("SELECT model, median(output_tokens_per_s) FROM inference_results GROUP BY model").fetchall())
+    print(f"\npeak resident MB: {peaks}; median output tokens/s: {rates}; file MB: {_file_mb(SMOLLM2)}, {_file_mb(GEMMA)}")
+    assert {pid for pid, _, _ in peaks.values()} == {server_pid}
+    assert all(samples > 0 for _, _, samples in peaks.values())
+    small, larger, small_again = (peaks[run][1] for run in ("run-small", "run-larger", "run-small-again"))
+    # The weights are memory-mapped and read in full for every token, so each model's file is resident while it answers.
+    assert small > _file_mb(SMOLLM2) and larger > _file_mb(GEMMA)
+    assert larger - small > (_file_mb(GEMMA) - _file_mb(SMOLLM2)) / 2
+    # Swapping back unmaps the larger model's weights: the small one is not measured with them. (The process
+    # keeps some heap the larger model freed, so the small one measures a little higher than on a fresh server.)
+    assert small <= small_again < larger - (_file_mb(GEMMA) - _file_mb(SMOLLM2)) / 2
+    assert all(rate > 0 for rate in rates.values())
+
+
+def _evaluate_models(paths, log, models: list[str], eval_run_ids: list[str]) -> None:
+    ingest_golden(Project.load(paths), eval_run_ids[0], log)
+    sync_registry(Project.load(paths), eval_run_ids[0], log)
+    for model, eval_run_id in zip(models, eval_run_ids):
+        run_inference(Project.load(paths), model, eval_run_id, log, retry=FAST_RETRY, cache_max_age_s=0.0)

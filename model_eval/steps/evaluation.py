@@ -96,13 +96,15 @@ def _record_resources(conn, spec: ModelSpec, eval_run_id: str, sampler, part_fil
     conn.execute("DELETE FROM model_resources WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
     if not spec.local_model or not part_files:
         return  # a remote server's memory is unknown: no row
-    windows: dict[str, list[tuple[float, float]]] = {}
-    for task, start, end, sent in conn.execute("""
-            SELECT task, completed_at - latency_ms / 1000, completed_at, NOT from_cache FROM read_parquet(?)
-            ORDER BY completed_at""", [part_files]).fetchall():
-        windows.setdefault(task, [])
-        if sent:
-            windows[task].append((start, end))
+    calls = conn.execute("SELECT task, completed_at - latency_ms / 1000, completed_at, NOT from_cache FROM read_parquet(?)",
+                         [part_files]).fetchall()
+    # The server swaps models inside the first call that reaches it, so that call's window still shows the
+    # previous model: memory counts from the end of the first call on.
+    loaded_at = min((end for _, _, end, sent in calls if sent), default=None)
+    windows: dict[str, list[tuple[float, float]]] = {task: [] for task, *_ in calls}
+    for task, start, end, sent in calls:
+        if sent and end >= loaded_at:
+            windows[task].append((max(start, loaded_at), end))
     file_mb = capacity.model_file_mb(spec.local_model)
     rows = []
     for task, task_windows in sorted(windows.items()):
