@@ -58,6 +58,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"skip {name}: {reason}")
     if not runnable:
         return _fail("no enabled model can run (see the skip lines above)")
+    if args.max_cost is not None:
+        from model_eval.planning import budget_refusal, plan_run
+
+        plan = plan_run(project, runnable, tasks, cache_max_age_s=_cache_age_s(args))
+        refusal = budget_refusal(plan, args.max_cost, args.allow_unknown_cost)
+        if refusal:
+            return _fail(f"not started: {refusal} (details: model-eval plan)")
+        unknown = f" (+ {len(plan.unknown_cost)} unknown, allowed)" if plan.unknown_cost else ""
+        print(f"expected cost {plan.known_cost_usd:.6f} USD{unknown}, within --max-cost {args.max_cost:g} USD")
 
     _prepare_dagster_home()
     import dagster as dg
@@ -85,6 +94,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         for model, error in outcome.failed.items():
             print(f"error: {model}: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cache_age_s(args: argparse.Namespace) -> float | None:
+    hours = 0.0 if args.fresh else args.max_cache_age_hours
+    return None if hours is None else hours * 3600
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Calls, tokens, cost and time per model and task, before a run (model_eval/planning.py)."""
+    from model_eval.errors import ModelEvalError
+    from model_eval.planning import format_plan, plan_selection
+    from model_eval.project import Project
+
+    try:
+        plan = plan_selection(Project.load(ProjectPaths.from_env()), _split(args.models), _split(args.tasks), _cache_age_s(args))
+        print(format_plan(plan))
+    except ModelEvalError as exc:
+        return _fail(str(exc))
     return 0
 
 
@@ -229,7 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--fresh", action="store_true", help="ask every model again instead of reusing cached answers")
     run.add_argument("--max-cache-age-hours", type=float, default=None, help="reuse cached answers only if younger than this")
     run.add_argument("-q", "--quiet", action="store_true", help="only per-model progress, warnings and the leaderboard")
+    run.add_argument("--max-cost", type=float, default=None, metavar="USD",
+                     help="refuse to start if the expected cost (model-eval plan) is above this")
+    run.add_argument("--allow-unknown-cost", action="store_true", help="with --max-cost: start even if some costs are unknown")
     run.set_defaults(func=cmd_run)
+    plan = sub.add_parser("plan", help="calls, expected tokens, cost and time per model and task, before a run")
+    plan.add_argument("--models", help="comma-separated model names from the registry (default: every enabled model)")
+    plan.add_argument("--tasks", help="comma-separated task names (default: every task)")
+    plan.add_argument("--fresh", action="store_true", help="plan a run that asks every model again (nothing cached)")
+    plan.add_argument("--max-cache-age-hours", type=float, default=None, help="count cached answers only if younger than this")
+    plan.set_defaults(func=cmd_plan)
     assign = sub.add_parser("assign", help="show assignments; pin, unpin, force a promotion or roll back a task")
     assign.add_argument("action", choices=["show", "pin", "unpin", "promote", "rollback"])
     assign.add_argument("task", nargs="?", help="task name (optional for show)")
