@@ -135,9 +135,10 @@ def _model_rate(history: dict, model: str, task_name: str) -> float | None:
     return rates[len(rates) // 2] if rates else None
 
 
-def plan_model_task(spec: ModelSpec, task: TaskSpec, history: dict, cached_keys, skipped: str | None) -> PlanRow:
-    """`cached_keys(keys) -> set` says which request keys the response cache would answer."""
-    cases = read_cases(task).select("task", "dataset_version", "case_id", "inputs_json").to_dicts()
+def plan_model_task(spec: ModelSpec, task: TaskSpec, cases: list[dict], history: dict, cached_keys,
+                    skipped: str | None) -> PlanRow:
+    """`cases`: the task's current cases (task, dataset_version, case_id, inputs_json); `cached_keys(keys) -> set`
+    says which request keys the response cache would answer."""
     requests = list(iter_requests(spec, [task], cases))
     cached = len(cached_keys([r.key for r in requests]))
     params = {**spec.params, **task.call_params}
@@ -182,11 +183,15 @@ def plan_run(project: Project, specs: list[ModelSpec], tasks: list[TaskSpec], *,
     def cached_keys(keys: list[str]) -> set[str]:
         return set() if cache is None else set(cache.get_many(keys, max_age_s=cache_max_age_s))
 
+    cases: dict[str, list[dict]] = {}
     try:
         for spec in specs:
             for task in tasks:
-                if spec.serves(task.name, task.tier):
-                    plan.rows.append(plan_model_task(spec, task, history, cached_keys, (skipped or {}).get(spec.name)))
+                if not spec.serves(task.name, task.tier):
+                    continue
+                if task.name not in cases:
+                    cases[task.name] = read_cases(task).select("task", "dataset_version", "case_id", "inputs_json").to_dicts()
+                plan.rows.append(plan_model_task(spec, task, cases[task.name], history, cached_keys, (skipped or {}).get(spec.name)))
     finally:
         if cache is not None:
             cache.close()
