@@ -337,7 +337,7 @@ def split_by_availability(specs: list[ModelSpec], measured_memory_mb: dict[str, 
                           ) -> tuple[list[ModelSpec], dict[str, str]]:
     """The models that can be called now, and for each other one the reason it cannot.
 
-    `measured_memory_mb`: model -> (peak resident MB, eval run id), from `capacity.measured_memory_by_model`."""
+    `measured_memory_mb`: model -> (peak resident MB, eval run id), from `capacity.measured_memory_mb`."""
     ready, skipped = [], {}
     for spec in specs:
         reason = availability(spec, measured_memory_mb=(measured_memory_mb or {}).get(spec.name))

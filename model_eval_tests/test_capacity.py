@@ -8,7 +8,6 @@ the memory sampled is this process's, which the test reads independently from /p
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket

@@ -52,7 +52,8 @@ def new_model_sensor(context: dg.SensorEvaluationContext, model_eval: ModelEvalR
     else:
         seen = set(cursor["seen"] if isinstance(cursor, dict) else cursor)
     new = [m for m in registry.models if m.enabled and f"{m.name}:{m.config_hash}" not in seen]
-    ready = callable_models(new, context.log, paths.warehouse_file)  # not marked seen until callable: a key added later still triggers it
+    # Not marked seen until callable: a key added later still triggers it.
+    ready = callable_models(new, context.log, paths.warehouse_file)
     seen |= {f"{m.name}:{m.config_hash}" for m in ready}
     requests = [request for m in ready for request in evaluation_requests(
         [m], f"new-{m.name}-{m.config_hash[:8]}", "sensor", f"new-model:{m.name}:{m.config_hash}")]
