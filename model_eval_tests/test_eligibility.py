@@ -96,3 +96,17 @@ def test_prices_read_from_the_map_file_agree_with_litellm(model):
     except Exception:  # noqa: BLE001 - litellm raises for a model it does not price
         expected = None
     assert model_map.price_per_million(model) == expected
+
+
+def test_judging_and_planning_do_not_import_litellm():
+    """Importing litellm takes seconds; a sensor tick and `model-eval plan` read its map file instead."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from model_eval.eligibility import EligibilityRules, judge; from model_eval import planning; "
+            "assert not judge('text-embedding-3-small', 'openai/text-embedding-3-small', EligibilityRules()).eligible; "
+            "assert planning.model_map.price_per_million('openai/gpt-4o-mini') is not None; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'litellm'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
