@@ -162,7 +162,14 @@ def test_a_new_golden_version_re_evaluates_only_that_task_reusing_the_cache(env)
     assert tick(golden_version_sensor, env, golden_cursor)[0] == []
     with warehouse.read_connection(env["paths"].warehouse_file) as conn:
         tasks = conn.sql(f"SELECT DISTINCT task, dataset_version FROM inference_results WHERE eval_run_id = '{requests[0].tags[EVAL_RUN_TAG]}'").fetchall()
+        sent_rates = [tokens * 1000 / latency for tokens, latency in conn.sql(
+            f"""SELECT output_tokens, latency_ms FROM inference_results
+                WHERE eval_run_id = '{requests[0].tags[EVAL_RUN_TAG]}' AND NOT from_cache""").fetchall()]
     assert tasks == [("grading", "v2")]
+    # The UI shows the calls' speed; a remote server's memory is unknown.
+    capacity_by_task = metadata["capacity_by_task"].value
+    assert list(capacity_by_task) == ["grading"] and capacity_by_task["grading"]["peak_memory_mb"] is None
+    assert capacity_by_task["grading"]["output_tokens_per_s"] == pytest.approx(sorted(sent_rates)[1], abs=0.01)
 
 
 def test_a_failed_run_sends_an_alert(env):

@@ -114,6 +114,19 @@ def _record_resources(conn, spec: ModelSpec, eval_run_id: str, sampler, part_fil
     conn.executemany("INSERT INTO model_resources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
+def capacity_summary(project: Project, model_name: str, eval_run_id: str) -> dict:
+    """Per task: the median output tokens/s of the calls sent in this eval run, and for a local model the
+    peak resident memory measured (None: unknown). For the asset's metadata in the UI."""
+    with warehouse.read_connection(project.paths.warehouse_file) as conn:
+        rows = conn.execute("""
+            SELECT r.task, median(r.output_tokens_per_s) FILTER (WHERE NOT r.from_cache), any_value(m.peak_rss_mb)
+            FROM inference_results r
+            LEFT JOIN model_resources m ON m.eval_run_id = r.eval_run_id AND m.model = r.model AND m.task = r.task
+            WHERE r.eval_run_id = ? AND r.model = ? GROUP BY r.task ORDER BY r.task""", [eval_run_id, model_name]).fetchall()
+    return {task: {"output_tokens_per_s": None if rate is None else round(rate, 2),
+                   "peak_memory_mb": None if memory is None else round(memory, 1)} for task, rate, memory in rows}
+
+
 def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:
     """Upsert the eval run's summary from the results it has so far (several partitions add to one run)."""
     conn.execute("""
