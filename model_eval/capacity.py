@@ -3,7 +3,8 @@
 The bundled llama.cpp server keeps one model in memory at a time and swaps on demand, so a model's
 memory is the server process's resident set (VmRSS in /proc/<pid>/status) sampled *while that model
 answers*: samples taken between calls may show another model, so only samples inside the time window
-of one of its calls count. The figure includes the server's own interpreter and runtime, because a
+of one of its calls count, from the end of the partition's first call on (the swap happens inside that
+one; steps/evaluation.py picks the windows). The figure includes the server's own interpreter and runtime, because a
 machine has to provide those too. Linux only: elsewhere, and for remote servers, memory is unknown.
 """
 
