@@ -41,6 +41,7 @@ def _fail(message: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from model_eval.errors import ModelEvalError
     from model_eval.project import Project
+    from model_eval.capacity import measured_memory_mb
     from model_eval.registry import split_by_availability
 
     paths = ProjectPaths.from_env()
@@ -50,13 +51,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         chosen = project.registry.select(_split(args.models))
     except ModelEvalError as exc:
         return _fail(str(exc))
-    runnable, skipped = split_by_availability(chosen)
+    runnable, skipped = split_by_availability(chosen, measured_memory_mb(paths.warehouse_file, chosen))
     for name, reason in skipped.items():
         if args.models:  # a model asked for by name must run
             return _fail(f"model {name} cannot run: {reason}")
         print(f"skip {name}: {reason}")
     if not runnable:
         return _fail("no enabled model can run (see the skip lines above)")
+    if args.max_cost is not None:
+        from model_eval.planning import budget_refusal, plan_run
+
+        plan = plan_run(project, runnable, tasks, cache_max_age_s=_cache_age_s(args))
+        refusal = budget_refusal(plan, args.max_cost, args.allow_unknown_cost)
+        if refusal:
+            return _fail(f"not started: {refusal} (details: model-eval plan)")
+        unknown = f" (+ {len(plan.unknown_cost)} unknown, allowed)" if plan.unknown_cost else ""
+        print(f"expected cost {plan.known_cost_usd:.6f} USD{unknown}, within --max-cost {args.max_cost:g} USD")
 
     _prepare_dagster_home()
     import dagster as dg
@@ -92,6 +102,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_age_s(args: argparse.Namespace) -> float | None:
+    hours = 0.0 if args.fresh else args.max_cache_age_hours
+    return None if hours is None else hours * 3600
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Calls, tokens, cost and time per model and task, before a run (model_eval/planning.py)."""
+    from model_eval.errors import ModelEvalError
+    from model_eval.planning import format_plan, plan_selection
+    from model_eval.project import Project
+
+    try:
+        plan = plan_selection(Project.load(ProjectPaths.from_env()), _split(args.models), _split(args.tasks), _cache_age_s(args))
+        print(format_plan(plan))
+    except ModelEvalError as exc:
+        return _fail(str(exc))
+    return 0
+
+
 def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[str]) -> None:
     import polars as pl
 
@@ -110,14 +139,16 @@ def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[s
                             & pl.col("model").is_in(rec["candidates"]))
         # n = cases: every accuracy figure and interval is over cases, repeats only measure consistency.
         print(f"  {'model':<22}{'n':>4}  {'accuracy (95% CI)':<22}{'flip':>6}{'consistent':>11}{'success':>9}"
-              f"{'p50 ms':>9}{'p95 ms':>9}{'cost/case':>12}")
+              f"{'p50 ms':>9}{'p95 ms':>9}{'cost/case':>12}{'tok/s':>8}{'mem MB':>9}")
         for r in rows.iter_rows(named=True):
             cost = "unknown" if r["cost_per_case_usd"] is None else f"{r['cost_per_case_usd']:.6f}"
             p50 = "-" if r["p50_latency_ms"] is None else f"{r['p50_latency_ms']:.0f}"
             p95 = "-" if r["p95_latency_ms"] is None else f"{r['p95_latency_ms']:.0f}"
             acc = f"{r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f})"
+            rate = "-" if r["output_tokens_per_s"] is None else f"{r['output_tokens_per_s']:.1f}"
+            memory = "unknown" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
             print(f"  {r['model']:<22}{r['cases']:>4}  {acc:<22}{r['flip_rate']:>6.2f}{r['consistency']:>11.2f}"
-                  f"{r['success_rate']:>9.2f}{p50:>9}{p95:>9}{cost:>12}")
+                  f"{r['success_rate']:>9.2f}{p50:>9}{p95:>9}{cost:>12}{rate:>8}{memory:>9}")
         champion = rec["champion"] or "none qualified"
         print(f"  champion: {champion}; runner-up: {rec['runner_up'] or '-'}"
               + (f"; confidence {rec['confidence']:.2f}" if rec["confidence"] is not None else ""))
@@ -249,7 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--fresh", action="store_true", help="ask every model again instead of reusing cached answers")
     run.add_argument("--max-cache-age-hours", type=float, default=None, help="reuse cached answers only if younger than this")
     run.add_argument("-q", "--quiet", action="store_true", help="only per-model progress, warnings and the leaderboard")
+    run.add_argument("--max-cost", type=float, default=None, metavar="USD",
+                     help="refuse to start if the expected cost (model-eval plan) is above this")
+    run.add_argument("--allow-unknown-cost", action="store_true", help="with --max-cost: start even if some costs are unknown")
     run.set_defaults(func=cmd_run)
+    plan = sub.add_parser("plan", help="calls, expected tokens, cost and time per model and task, before a run")
+    plan.add_argument("--models", help="comma-separated model names from the registry (default: every enabled model)")
+    plan.add_argument("--tasks", help="comma-separated task names (default: every task)")
+    plan.add_argument("--fresh", action="store_true", help="plan a run that asks every model again (nothing cached)")
+    plan.add_argument("--max-cache-age-hours", type=float, default=None, help="count cached answers only if younger than this")
+    plan.set_defaults(func=cmd_plan)
     assign = sub.add_parser("assign", help="show assignments; pin, unpin, force a promotion or roll back a task")
     assign.add_argument("action", choices=["show", "pin", "unpin", "promote", "rollback"])
     assign.add_argument("task", nargs="?", help="task name (optional for show)")

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from model_eval.drift import DriftSettings
+from model_eval.eligibility import EligibilityRules, Pattern, default_non_chat_patterns
 from model_eval.errors import InputError
 
 DEFAULT_SCHEDULE_CRON = "0 1 * * 0"  # Sundays 01:00
@@ -50,6 +51,7 @@ class DiscoveryEndpoint:
     prefix: str
     template: dict[str, Any]
     api_key_env: str | None = None
+    rules: EligibilityRules = field(default_factory=EligibilityRules)   # which listed models are evaluated
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,35 @@ def load_deployment(path: Path, base_dir: Path) -> Deployment:
         raise InputError(exc.path, exc.message, line=_line_of(text, exc.field), field=exc.field) from None
 
 
+DISCOVERY_FIELDS = {"api_base", "prefix", "template", "api_key_env", "include", "exclude", "require_chat", "non_chat_patterns"}
+
+
+def _patterns(raw: dict, key: str, where: str, path: Path) -> tuple[Pattern, ...] | None:
+    """A list of regular expressions, each checked here so a bad one is reported by file, line and field."""
+    if key not in raw:
+        return None
+    value = raw[key]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise InputError(path, "must be a list of regular expressions (non-empty strings)", field=f"{where}.{key}")
+    patterns = []
+    for index, text in enumerate(value):
+        try:
+            patterns.append(Pattern.compile(text))
+        except re.error as exc:
+            raise InputError(path, f"'{text}' is not a valid regular expression: {exc}", field=f"{where}.{key}[{index}]") from None
+    return tuple(patterns)
+
+
+def _eligibility_rules(raw: dict, where: str, path: Path) -> EligibilityRules:
+    require_chat = raw.get("require_chat", True)
+    if not isinstance(require_chat, bool):
+        raise InputError(path, "must be true or false", field=f"{where}.require_chat")
+    non_chat = _patterns(raw, "non_chat_patterns", where, path)
+    return EligibilityRules(include=_patterns(raw, "include", where, path) or (),
+                            exclude=_patterns(raw, "exclude", where, path) or (), require_chat=require_chat,
+                            non_chat_patterns=default_non_chat_patterns() if non_chat is None else non_chat)
+
+
 def _parse(data, path: Path, base_dir: Path) -> Deployment:
     from model_eval.alerts import AlertSettings
     if not isinstance(data, dict):
@@ -151,8 +182,12 @@ def _parse(data, path: Path, base_dir: Path) -> Deployment:
             template = raw.get("template") or {}
             if not isinstance(template, dict):
                 raise InputError(path, "must be a mapping of registry fields", field=f"{where}.template")
+            unknown = sorted(set(raw) - DISCOVERY_FIELDS)
+            if unknown:
+                raise InputError(path, f"unknown field; allowed: {', '.join(sorted(DISCOVERY_FIELDS))}", field=f"{where}.{unknown[0]}")
             endpoints.append(DiscoveryEndpoint(kind=kind, api_base=raw["api_base"].rstrip("/"), prefix=str(raw.get("prefix", "")),
-                                               template=template, api_key_env=raw.get("api_key_env")))
+                                               template=template, api_key_env=raw.get("api_key_env"),
+                                               rules=_eligibility_rules(raw, where, path)))
 
     return Deployment(
         path=path,

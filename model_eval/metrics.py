@@ -9,6 +9,7 @@ from __future__ import annotations
 import duckdb
 import polars as pl
 
+from model_eval.capacity import OUTPUT_TOKENS_PER_S_SQL
 from model_eval.stats import wilson_interval
 
 METRICS_SQL = """
@@ -43,19 +44,31 @@ per_call AS (
            quantile_cont(latency_ms, 0.99) FILTER (WHERE NOT call_failed) AS p99_latency_ms,
            avg(input_tokens) FILTER (WHERE NOT call_failed) AS mean_input_tokens,
            avg(output_tokens) FILTER (WHERE NOT call_failed) AS mean_output_tokens,
+           -- the typical call's output rate (wall time, prompt processing included); see capacity.py
+           median({tokens_per_s}) FILTER (WHERE NOT call_failed) AS output_tokens_per_s,
            -- one unknown price makes the total unknown: a partial sum would look cheaper than it is
            CASE WHEN count(*) FILTER (WHERE NOT call_failed AND cost_usd IS NULL) > 0 THEN NULL
                 ELSE coalesce(sum(cost_usd) FILTER (WHERE NOT call_failed), 0) END AS total_cost_usd,
            max(scored_at) AS evaluated_at
     FROM scores {where}
     GROUP BY ALL
-)
+),
+-- Local models only (remote servers have no rows: NULL, shown as unknown). The newest measurement at or
+-- before the evaluation: this eval run's when its calls reached the model, else an earlier one.
+measured_memory AS (SELECT model, task, eval_run_id, peak_rss_mb, measured_at FROM model_resources WHERE peak_rss_mb IS NOT NULL),
+model_files AS (SELECT DISTINCT model, model_file_mb, measured_at FROM model_resources WHERE model_file_mb IS NOT NULL)
 SELECT c.eval_run_id, c.model, c.task, c.dataset_version, s.cases, c.calls, s.repeats, s.accuracy, s.accuracy_sum,
        s.mean_score, s.correctness, s.correctness AS pass_all_k, s.flip_rate, s.consistency, c.success_rate,
        c.p50_latency_ms, c.p95_latency_ms, c.p99_latency_ms,
        c.mean_input_tokens, c.mean_output_tokens, c.total_cost_usd, c.total_cost_usd / s.cases AS cost_per_case_usd,
-       c.evaluated_at
+       c.evaluated_at, c.output_tokens_per_s,
+       coalesce(same_task.peak_rss_mb, any_task.peak_rss_mb) AS peak_memory_mb,
+       coalesce(same_task.eval_run_id, any_task.eval_run_id) AS memory_eval_run_id, f.model_file_mb
 FROM per_call c JOIN per_case_summary s USING (eval_run_id, model, task, dataset_version)
+ASOF LEFT JOIN measured_memory same_task ON c.model = same_task.model AND c.task = same_task.task
+                                         AND c.evaluated_at >= same_task.measured_at
+ASOF LEFT JOIN measured_memory any_task ON c.model = any_task.model AND c.evaluated_at >= any_task.measured_at
+ASOF LEFT JOIN model_files f ON c.model = f.model AND c.evaluated_at >= f.measured_at
 ORDER BY c.task, c.model, c.eval_run_id
 """
 
@@ -67,10 +80,10 @@ def compute_metrics(conn: duckdb.DuckDBPyConnection, eval_run_ids: list[str] | N
     over the cases (n = `cases`), never over calls.
     """
     if eval_run_ids is None:
-        frame = conn.sql(METRICS_SQL.format(where="")).pl()
+        frame = conn.sql(METRICS_SQL.format(where="", tokens_per_s=OUTPUT_TOKENS_PER_S_SQL)).pl()
     else:
         where = "WHERE list_contains($ids::VARCHAR[], eval_run_id)"
-        frame = conn.sql(METRICS_SQL.format(where=where), params={"ids": eval_run_ids}).pl()
+        frame = conn.sql(METRICS_SQL.format(where=where, tokens_per_s=OUTPUT_TOKENS_PER_S_SQL), params={"ids": eval_run_ids}).pl()
     bounds = [wilson_interval(total, int(n)) for total, n in zip(frame["accuracy_sum"], frame["cases"])]
     return frame.with_columns(
         pl.Series("accuracy_low", [b[0] for b in bounds], dtype=pl.Float64),

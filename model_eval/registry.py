@@ -25,8 +25,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENTRY_FIELDS = {
     "name", "model", "api_base", "api_key_env", "params", "price_per_million", "provider", "family",
     "tasks", "tiers", "enabled", "local_model", "max_concurrency", "timeout_s", "max_attempts", "notes",
-    "mode", "completion_template",
+    "mode", "completion_template", "resources",
 }
+RESOURCE_FIELDS = {"max_memory_mb"}
 DEFAULTS = {"max_concurrency": 4, "timeout_s": 60.0, "max_attempts": 5}
 
 
@@ -52,6 +53,8 @@ class ModelSpec:
     # "chat" sends messages; "completion" lays them out as one prompt with the template (base models).
     mode: str = "chat"
     completion_template: CompletionTemplate | None = None
+    # The memory this model may take on this machine (the entry's `resources`, else the registry's); None: no limit.
+    max_memory_mb: float | None = None
 
     @property
     def config_hash(self) -> str:
@@ -121,6 +124,19 @@ class Registry:
         return {m.name: m.local_model for m in (specs if specs is not None else self.models) if m.local_model}
 
 
+def _top_level_line(text: str, key: str) -> int | None:
+    """Line of a top-level key, so errors in its section can point at it."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(root, yaml.MappingNode):
+        for node, value in root.value:
+            if node.value == key:
+                return value.start_mark.line + 1
+    return None
+
+
 def _entry_lines(text: str) -> list[int]:
     """Line number of each entry under `models:`, so errors can point at it."""
     try:
@@ -135,7 +151,25 @@ def _entry_lines(text: str) -> list[int]:
     return []
 
 
-def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServerSettings, defaults: dict) -> ModelSpec:
+def _resource_limits(raw: Any, where: str, fail) -> dict[str, float]:
+    """A `resources` mapping: {max_memory_mb: positive number}; `fail(message, field)` raises."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise fail(f"must be a mapping with {', '.join(sorted(RESOURCE_FIELDS))}", where)
+    unknown = sorted(set(raw) - RESOURCE_FIELDS)
+    if unknown:
+        raise fail(f"unknown field; allowed: {', '.join(sorted(RESOURCE_FIELDS))}", f"{where}.{unknown[0]}")
+    limits = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise fail(f"must be a positive number of megabytes, got {value!r}", f"{where}.{key}")
+        limits[key] = float(value)
+    return limits
+
+
+def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServerSettings, defaults: dict,
+           machine_limits: dict[str, float]) -> ModelSpec:
     def fail(message: str, name: str | None = None) -> RegistryError:
         return RegistryError(path, message, line=line, field=f"models[{index}]" + (f".{name}" if name else ""))
 
@@ -213,6 +247,7 @@ def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServ
             raise fail(str(exc), "completion_template" + (f".{exc.field}" if exc.field else "")) from None
     elif raw.get("completion_template") is not None:
         raise fail("only used with mode: completion", "completion_template")
+    limits = {**machine_limits, **_resource_limits(raw.get("resources"), "resources", fail)}
 
     return ModelSpec(
         name=name,
@@ -233,6 +268,7 @@ def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServ
         max_attempts=settings["max_attempts"],
         mode=mode,
         completion_template=template,
+        max_memory_mb=limits.get("max_memory_mb"),
     )
 
 
@@ -261,6 +297,10 @@ def load_registry(path: Path, discovered: Path | None = None) -> Registry:
     if server.host not in ("127.0.0.1", "localhost", "::1"):
         raise RegistryError(path, "the bundled model server only listens on the loopback address", field="local_server.host")
 
+    def top_level_error(message: str, field: str) -> RegistryError:
+        return RegistryError(path, message, line=_top_level_line(text, "resources"), field=field)
+
+    machine_limits = _resource_limits(data.get("resources"), "resources", top_level_error)
     defaults = {**DEFAULTS, **(data.get("defaults") or {})}
     if set(defaults) - set(DEFAULTS):
         raise RegistryError(path, f"allowed fields: {', '.join(DEFAULTS)}", field="defaults")
@@ -272,7 +312,7 @@ def load_registry(path: Path, discovered: Path | None = None) -> Registry:
         lines = _entry_lines(source_text)
         for index, raw in enumerate(source_data["models"]):
             line = lines[index] if index < len(lines) else None
-            spec = _entry(raw, index, line, source, server, defaults)
+            spec = _entry(raw, index, line, source, server, defaults, machine_limits)
             if any(s.name == spec.name for s in specs):
                 if source is path:
                     raise RegistryError(source, f"duplicate model name '{spec.name}'", line=line, field=f"models[{index}].name")
@@ -281,16 +321,19 @@ def load_registry(path: Path, discovered: Path | None = None) -> Registry:
     return Registry(path=path, models=tuple(specs), local_server=server)
 
 
-def availability(spec: ModelSpec, connect_timeout_s: float = 0.5) -> str | None:
-    """None when the model can be called now, else the reason it is skipped (for a clear log line)."""
+def availability(spec: ModelSpec, connect_timeout_s: float = 0.5, measured_memory_mb: tuple[float, str] | None = None) -> str | None:
+    """None when the model can be called now, else the reason it is skipped (for a clear log line).
+
+    `measured_memory_mb` is (peak resident MB, eval run id) of the model's newest memory measurement:
+    with a `resources.max_memory_mb` limit, a local model whose file or measured memory exceeds it is skipped."""
     if spec.local_model:
         from model_eval.local_models import local_model_path
 
         try:
-            local_model_path(spec.local_model)
+            weights = local_model_path(spec.local_model)
         except Exception as exc:  # noqa: BLE001 - any failure to locate weights means "skip, and say why"
             return f"local model '{spec.local_model}' is not available: {exc}"
-        return None
+        return _exceeds_memory_limit(spec, weights.stat().st_size / 2**20, measured_memory_mb)
     if spec.api_key_env and not os.environ.get(spec.api_key_env):
         return f"environment variable {spec.api_key_env} is not set"
     if spec.api_base:
@@ -304,11 +347,26 @@ def availability(spec: ModelSpec, connect_timeout_s: float = 0.5) -> str | None:
     return None
 
 
-def split_by_availability(specs: list[ModelSpec]) -> tuple[list[ModelSpec], dict[str, str]]:
-    """The models that can be called now, and for each other one the reason it cannot."""
+def _exceeds_memory_limit(spec: ModelSpec, file_mb: float, measured: tuple[float, str] | None) -> str | None:
+    limit = spec.max_memory_mb
+    if limit is None:
+        return None
+    if file_mb > limit:
+        return f"does not fit: its model file is {file_mb:.0f} MB, above resources.max_memory_mb {limit:g} MB"
+    if measured is not None and measured[0] > limit:
+        return (f"does not fit: its measured peak resident memory is {measured[0]:.0f} MB (eval run {measured[1]}), "
+                f"above resources.max_memory_mb {limit:g} MB")
+    return None
+
+
+def split_by_availability(specs: list[ModelSpec], measured_memory_mb: dict[str, tuple[float, str]] | None = None
+                          ) -> tuple[list[ModelSpec], dict[str, str]]:
+    """The models that can be called now, and for each other one the reason it cannot.
+
+    `measured_memory_mb`: model -> (peak resident MB, eval run id), from `capacity.measured_memory_mb`."""
     ready, skipped = [], {}
     for spec in specs:
-        reason = availability(spec)
+        reason = availability(spec, measured_memory_mb=(measured_memory_mb or {}).get(spec.name))
         if reason is None:
             ready.append(spec)
         else:

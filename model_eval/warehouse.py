@@ -85,6 +85,18 @@ CREATE TABLE IF NOT EXISTS model_task_metrics (
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS repeats BIGINT;
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS pass_all_k DOUBLE;
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS flip_rate DOUBLE;
+-- Capacity (model_eval/capacity.py): output tokens per second of each call, and for local models the
+-- serving process's peak resident memory and the model file's size. NULL where unknown (remote servers).
+ALTER TABLE inference_results ADD COLUMN IF NOT EXISTS output_tokens_per_s DOUBLE;
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS output_tokens_per_s DOUBLE;
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS peak_memory_mb DOUBLE;
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS memory_eval_run_id VARCHAR;
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS model_file_mb DOUBLE;
+CREATE TABLE IF NOT EXISTS model_resources (
+    eval_run_id VARCHAR, model VARCHAR, task VARCHAR, local_model VARCHAR, model_file_mb DOUBLE,
+    peak_rss_mb DOUBLE,                       -- NULL: no call of this task reached the model (all cached)
+    rss_samples BIGINT, server_pid BIGINT, measured_at TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS recommendations (
     eval_run_id VARCHAR, task VARCHAR, dataset_version VARCHAR, policy VARCHAR, is_task_policy BOOLEAN,
     champion VARCHAR, runner_up VARCHAR, champion_score DOUBLE, runner_up_score DOUBLE, confidence DOUBLE,

@@ -15,7 +15,8 @@ Endpoints (on 127.0.0.1, ephemeral port, in a background thread with its own eve
 * ``POST /v1/chat/completions`` - answered as the script says (see `Reply`).
 * ``POST /v1/completions``      - the same, as a text completion (``choices[0].text``); scripts see
                                   the prompt as `last_message` and the endpoint as `endpoint`.
-* ``GET  /v1/models``           - lists the single model id (``fake`` by default).
+* ``GET  /v1/models``           - lists the model id (``fake`` by default), or every id of ``listed_models``
+                                  (an endpoint serving a mix of chat, embedding and speech models).
 * ``GET  /_fake/stats``         - the counters as JSON; used when the server runs in another
                                   process (``benchmarks/fake_endpoint.py`` runs it that way).
 
@@ -240,13 +241,14 @@ class FakeOpenAIServer:
     """The scripted server; use as a context manager or call start()/stop()."""
 
     def __init__(self, script: Script | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 model_id: str = MODEL_ID, keep_records: bool = True):
+                 model_id: str = MODEL_ID, keep_records: bool = True, listed_models: list[str] | None = None):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the fake server only listens on the loopback address")
         self.script: Script = script or always()
         self.host = host
         self.port = port
         self.model_id = model_id
+        self.listed_models = list(listed_models) if listed_models is not None else [model_id]
         # The benchmark sends thousands of calls and only needs the counts, not a record of each.
         self.keep_records = keep_records
         self._lock = threading.Lock()
@@ -374,7 +376,7 @@ class FakeOpenAIServer:
     # ------------------------------------------------------------ handlers
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": 0, "owned_by": "fake-openai-server"}]})
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "fake-openai-server"} for model_id in self.listed_models]})
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())

@@ -162,7 +162,14 @@ def test_a_new_golden_version_re_evaluates_only_that_task_reusing_the_cache(env)
     assert tick(golden_version_sensor, env, golden_cursor)[0] == []
     with warehouse.read_connection(env["paths"].warehouse_file) as conn:
         tasks = conn.sql(f"SELECT DISTINCT task, dataset_version FROM inference_results WHERE eval_run_id = '{requests[0].tags[EVAL_RUN_TAG]}'").fetchall()
+        sent_rates = [tokens * 1000 / latency for tokens, latency in conn.sql(
+            f"""SELECT output_tokens, latency_ms FROM inference_results
+                WHERE eval_run_id = '{requests[0].tags[EVAL_RUN_TAG]}' AND NOT from_cache""").fetchall()]
     assert tasks == [("grading", "v2")]
+    # The UI shows the calls' speed; a remote server's memory is unknown.
+    capacity_by_task = metadata["capacity_by_task"].value
+    assert list(capacity_by_task) == ["grading"] and capacity_by_task["grading"]["peak_memory_mb"] is None
+    assert capacity_by_task["grading"]["output_tokens_per_s"] == pytest.approx(sorted(sent_rates)[1], abs=0.01)
 
 
 def test_a_failed_run_sends_an_alert(env):
@@ -181,34 +188,100 @@ def test_a_failed_run_sends_an_alert(env):
     assert logged[-1]["kind"] == "run_failed" and logged[-1]["model"] == "first"
 
 
-def test_models_listed_by_an_ollama_endpoint_are_discovered(env):
-    """A minimal local stand-in for Ollama's /api/tags (a test double: no Ollama on this machine)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class OllamaStub:
+    """A minimal local stand-in for Ollama (a test double: no Ollama on this machine): GET /api/tags lists
+    `models`; POST /api/show answers `capabilities` for the models it has them for (older Ollama versions
+    report none) and counts the requests."""
 
-    class Tags(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            body = json.dumps({"models": [{"name": "llama3.2:1b"}, {"name": "qwen2.5:0.5b"}]}).encode()
-            self.send_response(200 if self.path == "/api/tags" else 404)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
+    def __init__(self, models: list[str], capabilities: dict[str, list[str]]):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        def log_message(self, *args):
-            pass
+        stub = self
+        self.shown: list[str] = []
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Tags)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        api_base = f"http://127.0.0.1:{server.server_address[1]}"
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                if self.path == "/api/tags":
+                    self._answer(200, {"models": [{"name": name} for name in models]})
+                else:
+                    self._answer(404, {"error": "not found"})
+
+            def do_POST(self):  # noqa: N802
+                name = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["model"]
+                stub.shown.append(name)
+                if self.path != "/api/show" or name not in models:
+                    self._answer(404, {"error": f"model '{name}' not found"})
+                else:
+                    self._answer(200, {"details": {"format": "gguf"},
+                                       **({"capabilities": capabilities[name]} if name in capabilities else {})})
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.api_base = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_models_listed_by_an_ollama_endpoint_are_discovered_if_they_can_chat(env):
+    listed = ["llama3.2:1b", "qwen2.5:0.5b", "nomic-embed-text:latest", "all-minilm:latest", "phi3:mini-128k"]
+    capabilities = {"llama3.2:1b": ["completion", "tools"], "nomic-embed-text:latest": ["embedding"],
+                    "phi3:mini-128k": ["completion"]}
+    with OllamaStub(listed, capabilities) as ollama:
         deployment = yaml.safe_load(env["deployment"].read_text())
-        deployment["discovery"] = {"ollama": [{"api_base": api_base, "prefix": "ollama-",
+        deployment["discovery"] = {"ollama": [{"api_base": ollama.api_base, "prefix": "ollama-", "exclude": ["128k$"],
                                                "template": {"price_per_million": {"input": 0, "output": 0}}}]}
         env["deployment"].write_text(yaml.safe_dump(deployment))
         requests, cursor = tick(new_model_sensor, env)
-    finally:
-        server.shutdown()
+        # Capabilities are asked only for models the patterns let through; the next tick asks nothing again.
+        assert sorted(ollama.shown) == sorted(set(listed) - {"phi3:mini-128k"})
+        again, later_cursor = tick(new_model_sensor, env, cursor)
+        assert again == [] and len(ollama.shown) == 4
+        # Changed rules judge the models they turned away again.
+        deployment["discovery"]["ollama"][0]["exclude"] = ["-128k-nothing$"]
+        env["deployment"].write_text(yaml.safe_dump(deployment))
+        rejudged, _ = tick(new_model_sensor, env, later_cursor)
+        assert [r.partition_key for r in rejudged] == ["ollama-phi3-mini-128k"] and ollama.shown[-1] == "phi3:mini-128k"
+    # llama3.2 says it completes; qwen2.5's Ollama reports no capabilities, and neither litellm's map nor
+    # its name says it is not a chat model; nomic-embed says embedding; all-minilm's name is an embedding model's.
     assert sorted(r.partition_key for r in requests) == ["first", "ollama-llama3.2-1b", "ollama-qwen2.5-0.5b"]
     discovered = {m["name"]: m for m in yaml.safe_load(env["paths"].discovered_registry_file.read_text())["models"]}
+    assert sorted(discovered) == ["ollama-llama3.2-1b", "ollama-phi3-mini-128k", "ollama-qwen2.5-0.5b"]
     assert discovered["ollama-llama3.2-1b"]["model"] == "ollama/llama3.2:1b"
-    assert discovered["ollama-llama3.2-1b"]["api_base"] == api_base
+    assert discovered["ollama-llama3.2-1b"]["api_base"] == ollama.api_base
+    assert "Ollama /api/show capabilities [completion, tools] include 'completion'" in discovered["ollama-llama3.2-1b"]["notes"]
+    assert "unknown to litellm's model map" in discovered["ollama-qwen2.5-0.5b"]["notes"]
+
+
+def test_discovery_evaluates_only_the_chat_models_of_a_mixed_listing(env):
+    listed = ["gpt-4o-mini", "text-embedding-3-small", "whisper-1", "tts-1", "dall-e-3", "omni-moderation-latest",
+              "BAAI/bge-m3", "acme-support-chat-v2", "acme-support-chat-v2-preview", "babbage-002"]
+    with FakeOpenAIServer(listed_models=listed) as server:
+        deployment = yaml.safe_load(env["deployment"].read_text())
+        deployment["discovery"] = {"openai_compatible": [{
+            "api_base": server.api_base, "prefix": "mix-", "exclude": ["-preview$"],
+            "template": {"price_per_million": {"input": 0.5, "output": 0.5}, "timeout_s": 30}}]}
+        env["deployment"].write_text(yaml.safe_dump(deployment))
+        requests, _ = tick(new_model_sensor, env)
+        assert sorted(r.partition_key for r in requests) == ["first", "mix-acme-support-chat-v2", "mix-gpt-4o-mini"]
+        run = next(r for r in requests if r.partition_key == "mix-acme-support-chat-v2")
+        assert execute(env, run).success
+    discovered = {m["name"]: m["notes"] for m in yaml.safe_load(env["paths"].discovered_registry_file.read_text())["models"]}
+    assert discovered["mix-gpt-4o-mini"].endswith("litellm's model map gives mode 'chat'")

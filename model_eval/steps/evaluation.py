@@ -8,11 +8,12 @@ import shutil
 
 import polars as pl
 
-from model_eval import eval_runs, warehouse
+from model_eval import capacity, eval_runs, warehouse
 from model_eval.crash_points import crash_point
 from model_eval.errors import GoldenSetError
 from model_eval.inference import ProgressFn, RetryPolicy, RunStats, iter_requests, run_model
 from model_eval.project import Project
+from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache
 from model_eval.scoring import score_results
 from model_eval.steps._common import Log, utc_now
@@ -70,7 +71,7 @@ def run_inference(
         reader = conn.sql(CURRENT_CASES_FOR_INFERENCE, params={"tasks": [t.name for t in tasks]}).to_arrow_reader(2000)
         cases = (row for batch in reader for row in batch.to_pylist())
         kwargs = {"completion": completion} if completion is not None else {}
-        with ResponseCache(paths.cache_file) as cache:
+        with ResponseCache(paths.cache_file) as cache, capacity.memory_sampler(spec) as sampler:
             _, stats = asyncio.run(run_model(spec, iter_requests(spec, tasks, cases), cache, retry=retry, on_progress=on_progress,
                                              cache_max_age_s=cache_max_age_s, sink=write_batch, total=total, **kwargs))
     if stats.unknown_cost:
@@ -80,13 +81,52 @@ def run_inference(
         part_files = sorted(str(p) for p in staging.glob("part-*.parquet"))
         if part_files:
             # The file list is a parameter: a path with quotes or glob characters stays a path.
-            conn.execute("""INSERT INTO inference_results BY NAME
-                            SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id FROM read_parquet(?)""",
-                         [eval_run_id, dagster_run_id, part_files])
+            conn.execute(f"""INSERT INTO inference_results BY NAME
+                             SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id,
+                                    CASE WHEN error_class IS NULL THEN {capacity.OUTPUT_TOKENS_PER_S_SQL} END AS output_tokens_per_s
+                             FROM read_parquet(?)""", [eval_run_id, dagster_run_id, part_files])
+        _record_resources(conn, spec, eval_run_id, sampler, part_files)
         _record_eval_run(conn, eval_run_id, trigger)
         crash_point("inference.write")
     shutil.rmtree(staging, ignore_errors=True)
     return stats
+
+
+def _record_resources(conn, spec: ModelSpec, eval_run_id: str, sampler, part_files: list[str]) -> None:
+    """Replace this (eval run, model) slice of `model_resources`: per task, the serving process's peak
+    resident memory inside the windows of the calls that reached the model, and the model file's size."""
+    conn.execute("DELETE FROM model_resources WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
+    if not spec.local_model or not part_files:
+        return  # a remote server's memory is unknown: no row
+    calls = conn.execute("SELECT task, completed_at - latency_ms / 1000, completed_at, NOT from_cache FROM read_parquet(?)",
+                         [part_files]).fetchall()
+    # The server swaps models inside the first call that reaches it, so that call's window still shows the
+    # previous model: memory counts from the end of the first call on.
+    loaded_at = min((end for _, _, end, sent in calls if sent), default=None)
+    windows: dict[str, list[tuple[float, float]]] = {task: [] for task, *_ in calls}
+    for task, start, end, sent in calls:
+        if sent and end >= loaded_at:
+            windows[task].append((max(start, loaded_at), end))
+    file_mb = capacity.model_file_mb(spec.local_model)
+    rows = []
+    for task, task_windows in sorted(windows.items()):
+        peak = capacity.peak_in_windows(sampler.samples, task_windows) if sampler is not None else None
+        rows.append([eval_run_id, spec.name, task, spec.local_model, file_mb, None if peak is None else peak[0] / 1024,
+                     0 if peak is None else peak[1], None if sampler is None else sampler.pid, utc_now()])
+    conn.executemany("INSERT INTO model_resources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def capacity_summary(project: Project, model_name: str, eval_run_id: str) -> dict:
+    """Per task: the median output tokens/s of the calls sent in this eval run, and for a local model the
+    peak resident memory measured (None: unknown). For the asset's metadata in the UI."""
+    with warehouse.read_connection(project.paths.warehouse_file) as conn:
+        rows = conn.execute("""
+            SELECT r.task, median(r.output_tokens_per_s) FILTER (WHERE NOT r.from_cache), any_value(m.peak_rss_mb)
+            FROM inference_results r
+            LEFT JOIN model_resources m ON m.eval_run_id = r.eval_run_id AND m.model = r.model AND m.task = r.task
+            WHERE r.eval_run_id = ? AND r.model = ? GROUP BY r.task ORDER BY r.task""", [eval_run_id, model_name]).fetchall()
+    return {task: {"output_tokens_per_s": None if rate is None else round(rate, 2),
+                   "peak_memory_mb": None if memory is None else round(memory, 1)} for task, rate, memory in rows}
 
 
 def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:

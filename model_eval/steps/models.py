@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from model_eval import warehouse
+from model_eval.capacity import measured_memory_mb
 from model_eval.project import Project
 from model_eval.promotion import current_assignments, ensure_initial_assignments, snapshot_tasks
 from model_eval.registry import ModelSpec, split_by_availability
@@ -26,7 +27,9 @@ class RegistrySync:
 
 
 def sync_registry(project: Project, eval_run_id: str, log: Log) -> RegistrySync:
-    available, skipped = split_by_availability([m for m in project.registry.models if m.enabled])
+    enabled = [m for m in project.registry.models if m.enabled]
+    # A local model above the registry's memory limit (file size, or memory measured in an earlier run) is skipped.
+    available, skipped = split_by_availability(enabled, measured_memory_mb(project.paths.warehouse_file, enabled))
     skipped |= {m.name: "disabled in the registry" for m in project.registry.models if not m.enabled}
     for name, reason in skipped.items():
         log.info(f"model {name}: skipped, {reason}")

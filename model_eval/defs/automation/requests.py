@@ -7,8 +7,11 @@ recommendations, gates, promotion) once every run of the batch has finished.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
+from model_eval.capacity import measured_memory_mb
 from model_eval.defs.partitions import MODELS
 from model_eval.defs.resources import EVAL_RUN_TAG, TRIGGER_TAG
 from model_eval.registry import ModelSpec, split_by_availability
@@ -16,9 +19,10 @@ from model_eval.registry import ModelSpec, split_by_availability
 BATCH_TAG = "model_eval/batch_size"
 
 
-def callable_models(models: list[ModelSpec], log) -> list[ModelSpec]:
-    """The models that can be called now; each one skipped gets a log line saying why."""
-    ready, skipped = split_by_availability(models)
+def callable_models(models: list[ModelSpec], log, warehouse_file: Path | None = None) -> list[ModelSpec]:
+    """The models that can be called now; each one skipped gets a log line saying why. With the warehouse,
+    memory measured in earlier runs counts against the registry's `resources` limit too."""
+    ready, skipped = split_by_availability(models, measured_memory_mb(warehouse_file, models) if warehouse_file else None)
     for name, reason in skipped.items():
         log.info(f"model {name}: skipped, {reason}")
     return ready

@@ -22,7 +22,7 @@ def build_weekly_evaluation(cron: str, timezone: str) -> dg.ScheduleDefinition:
                  description="Re-evaluate every enabled model on every task (asking the models again), then recommend and promote.")
     def weekly_evaluation(context: dg.ScheduleEvaluationContext, model_eval: ModelEvalResource):
         project = model_eval.project()  # a bad project file fails this tick, naming file, line and field
-        models = callable_models([m for m in project.registry.models if m.enabled], context.log)
+        models = callable_models([m for m in project.registry.models if m.enabled], context.log, project.paths.warehouse_file)
         if not models:
             return dg.SkipReason("no enabled model can be called (see the log for each reason)")
         # A schedule cannot return partition requests, so it adds the partitions itself.

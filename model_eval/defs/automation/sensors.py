@@ -14,7 +14,8 @@ from model_eval.defs import jobs
 from model_eval.defs.partitions import MODELS
 from model_eval.defs.resources import EVAL_RUN_TAG, TRIGGER_TAG, ModelEvalResource
 from model_eval.deployment import load_deployment
-from model_eval.discovery import add_discovered, golden_fingerprints, list_endpoint_models, registry_entry
+from model_eval.discovery import (add_discovered, eligible_models, golden_fingerprints, list_endpoint_models, registry_entry,
+                                  turned_away_key)
 from model_eval.registry import load_registry
 
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
@@ -25,29 +26,39 @@ FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.Dagster
 def new_model_sensor(context: dg.SensorEvaluationContext, model_eval: ModelEvalResource):
     project = model_eval.project()
     paths = project.paths
+    # The cursor: registry models already evaluated ("name:config_hash"), and listed models turned away
+    # (a list, in cursors written before discovery filtered models).
+    cursor = json.loads(context.cursor) if context.cursor is not None else None
+    turned_away = set(cursor.get("turned_away", [])) if isinstance(cursor, dict) else set()
     for endpoint in project.deployment.discovery:
         try:
-            entries = [registry_entry(endpoint, model_id) for model_id in list_endpoint_models(endpoint)]
+            accepted, rejected = eligible_models(endpoint, list_endpoint_models(endpoint), set(project.registry.names()),
+                                                 turned_away)
         except Exception as exc:  # noqa: BLE001 - an endpoint that is down must not stop the sensor
             context.log.warning(f"discovery {endpoint.api_base}: {type(exc).__name__}: {exc}")
             continue
+        for model_id, verdict in rejected.items():
+            context.log.info(f"discovery {endpoint.api_base}: {model_id} not evaluated ({verdict.rule}): {verdict.reason}")
+            turned_away.add(turned_away_key(endpoint, model_id))
+        entries = [registry_entry(endpoint, model_id, verdict) for model_id, verdict in accepted.items()]
         added = add_discovered(paths.discovered_registry_file, entries, set(project.registry.names()))
         if added:
             context.log.info(f"discovered at {endpoint.api_base}: {', '.join(added)}")
     # Discovery may have added entries: the registry is read again, the one reload this tick needs.
     registry = load_registry(paths.registry_file, paths.discovered_registry_file)
-    if context.cursor is None:
+    if cursor is None:
         # First tick: models the instance already has partitions for were evaluated before.
         known = set(context.instance.get_dynamic_partitions(MODELS.name))
         seen = {f"{m.name}:{m.config_hash}" for m in registry.models if m.name in known}
     else:
-        seen = set(json.loads(context.cursor))
+        seen = set(cursor["seen"] if isinstance(cursor, dict) else cursor)
     new = [m for m in registry.models if m.enabled and f"{m.name}:{m.config_hash}" not in seen]
-    ready = callable_models(new, context.log)  # not marked seen until callable: a key added later still triggers it
+    # Not marked seen until callable: a key added later still triggers it.
+    ready = callable_models(new, context.log, paths.warehouse_file)
     seen |= {f"{m.name}:{m.config_hash}" for m in ready}
     requests = [request for m in ready for request in evaluation_requests(
         [m], f"new-{m.name}-{m.config_hash[:8]}", "sensor", f"new-model:{m.name}:{m.config_hash}")]
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(sorted(seen)),
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps({"seen": sorted(seen), "turned_away": sorted(turned_away)}),
                            dynamic_partitions_requests=missing_partitions(context.instance, [m.name for m in ready]))
 
 
@@ -65,7 +76,8 @@ def golden_version_sensor(context: dg.SensorEvaluationContext, model_eval: Model
     tasks = {t.name: t for t in project.select_tasks(changed)}
     requests, names = [], set()
     for name in changed:
-        models = callable_models([m for m in project.registry.models if m.enabled and m.serves(name, tasks[name].tier)], context.log)
+        models = callable_models([m for m in project.registry.models if m.enabled and m.serves(name, tasks[name].tier)], context.log,
+                                 project.paths.warehouse_file)
         eval_run_id = f"golden-{name}-{prints[name][:8]}"
         requests += evaluation_requests(models, eval_run_id, "golden_change", f"golden:{name}:{prints[name]}", tasks=[name])
         names |= {m.name for m in models}

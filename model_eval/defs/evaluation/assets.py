@@ -5,7 +5,7 @@ from model_eval.defs.partitions import MODELS
 from model_eval.defs.resources import ModelEvalResource, eval_run_id, is_orchestrated, trigger
 from model_eval.eval_runs import complete_evaluation
 from model_eval.serving import local_models_served
-from model_eval.steps.evaluation import run_inference, score_model
+from model_eval.steps.evaluation import capacity_summary, run_inference, score_model
 
 
 class InferenceConfig(dg.Config):
@@ -42,6 +42,8 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
         "failed_calls": stats.errors,
         "error_classes": dg.MetadataValue.json(stats.error_classes),
         "wall_seconds": round(stats.wall_s, 2),
+        # Median output tokens/s of the calls sent, and a local model's peak resident memory (null: unknown).
+        "capacity_by_task": dg.MetadataValue.json(capacity_summary(project, spec.name, eval_run_id(context))),
         "dagster/row_count": stats.total,
     })
 
