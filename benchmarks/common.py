@@ -31,8 +31,9 @@ PARAMS = {"max_tokens": 8}
 class Endpoint:
     """benchmarks/fake_endpoint.py as a child process; closing its stdin stops it."""
 
-    def __init__(self, faults: bool = False, seed: int = 7, max_attempts: int = 4, limit_s: float = 1800):
-        command = [sys.executable, "-m", "benchmarks.fake_endpoint", "--seconds", str(limit_s)]
+    def __init__(self, faults: bool = False, seed: int = 7, max_attempts: int = 4, limit_s: float = 1800,
+                 delay_ms: float = 0.0):
+        command = [sys.executable, "-m", "benchmarks.fake_endpoint", "--seconds", str(limit_s), "--delay-ms", str(delay_ms)]
         if faults:
             command += ["--faults", "--seed", str(seed), "--max-attempts", str(max_attempts)]
         self.proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

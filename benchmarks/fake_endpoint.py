@@ -2,6 +2,7 @@
 
     python -m benchmarks.fake_endpoint                          # instant successes
     python -m benchmarks.fake_endpoint --faults --seed 7        # the fault mix of benchmarks/faults.py
+    python -m benchmarks.fake_endpoint --delay-ms 20            # successes after 20 ms (benchmarks/peers.py)
 
 It prints its port on the first line of stdout and serves until its stdin is closed (the parent is
 done or died) or `--seconds` pass. In its own process it never competes with the measured client
@@ -95,12 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", action="store_true", help="answer with the fault mix instead of instant successes")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--max-attempts", type=int, default=4, help="attempts per call the client makes (for the summary)")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="answer every call after this long, like a fast provider (instant by default)")
     parser.add_argument("--seconds", type=float, default=1800.0, help="hard limit on how long it serves")
     args = parser.parse_args(argv)
 
     fates = Fates(random_mix(args.seed, FAULT_SHARES, otherwise=ok("PASS")), args.max_attempts) if args.faults else None
     # keep_records=False: the counters are all we need; a record per call would grow with the run.
-    server = FakeOpenAIServer(fates or always(ok("PASS")), keep_records=False).start()
+    # A delayed success is the double's "hang" reply with a short wait: an OK answer after `delay`.
+    success = hang(args.delay_ms / 1000) if args.delay_ms > 0 else ok("PASS")
+    server = FakeOpenAIServer(fates or always(success), keep_records=False).start()
     print(server.port, flush=True)
     deadline = time.monotonic() + args.seconds
     # Stop when the parent closes our stdin or at the deadline, whichever comes first (bounded).

@@ -73,9 +73,10 @@ def mark_incomplete(conn: duckdb.DuckDBPyConnection, eval_run_id: str, reason: s
 
 def admitted(conn: duckdb.DuckDBPyConnection, completing: str | None = None) -> list[str]:
     """The eval runs whose scores may feed metrics: complete ones (and `completing`, being completed now)."""
+    # The slice manifest lists every (eval run, model) that has scores, without reading them.
     rows = conn.execute("""
-        SELECT DISTINCT eval_run_id FROM scores
-        WHERE eval_run_id NOT IN (SELECT eval_run_id FROM eval_runs WHERE status IN (?, ?) AND eval_run_id IS DISTINCT FROM ?)
+        SELECT DISTINCT eval_run_id FROM warehouse_slices WHERE table_name = 'scores' AND
+         eval_run_id NOT IN (SELECT eval_run_id FROM eval_runs WHERE status IN (?, ?) AND eval_run_id IS DISTINCT FROM ?)
         ORDER BY 1""", [RUNNING, INCOMPLETE, completing]).fetchall()
     return [r[0] for r in rows]
 

@@ -1,17 +1,28 @@
-"""Dataset-level rules for a golden set, checked with Great Expectations 1.x.
+"""Dataset-level rules for a golden set, checked with Great Expectations 1.x, and when they need checking.
 
-dagster-ge only supports GX < 1.0, so GX is called directly: an ephemeral context and a pandas
-batch per cases file (GX cannot read polars frames). Each failed expectation is turned into a
-message naming the file, the field and the offending lines.
+dagster-ge only supports GX < 1.0, so GX is called directly: an ephemeral context and pandas batches
+(GX cannot read polars frames). Each failed expectation is turned into a message naming the file,
+the field and the offending lines.
+
+Memory stays flat in the size of the file: the rules that need every row at once (row count, unique
+ids, both verdicts present) run on a narrow frame of ids, lines and verdicts; the per-row rules run
+on chunks of `CHUNK_ROWS` rows. Only the chunk is ever copied to pandas.
+
+Great Expectations is imported only when a file is validated (its import takes seconds);
+`validation_key` says when that is needed: the key changes when the cases file, the task file or the
+scorer settings change, and the ingestion step keeps the key of every file that passed.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 
@@ -19,6 +30,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 MIN_CASES = 10
 VERDICTS = ["PASS", "FAIL"]
+CHUNK_ROWS = 20_000
+# Bump when the rules below change: every file is then validated again once.
+RULES_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,22 @@ class ValidationOutcome:
     passed: bool
     problems: list[str]
     expectations_run: int
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in blocks (a golden set can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def validation_key(cases_sha256: str, task_file: Path, scorer: str, scorer_settings: dict, output_kind: str) -> str:
+    """What a validation result depends on: the cases, the task file, the scorer and its settings, these rules."""
+    parts = {"rules": RULES_VERSION, "min_cases": MIN_CASES, "cases": cases_sha256, "task_file": file_sha256(task_file),
+             "scorer": scorer, "scorer_settings": scorer_settings, "output_kind": output_kind}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 _names = itertools.count()
@@ -47,55 +77,98 @@ def _context():
     return context
 
 
-def _expectations(output_kind: str, n_rows: int):
+def _whole_file_rules(output_kind: str) -> list:
+    """Rules about the file as a whole: checked once, on the narrow frame."""
     import great_expectations as gx
 
     rules = [
         gx.expectations.ExpectTableRowCountToBeBetween(min_value=MIN_CASES),
         gx.expectations.ExpectColumnValuesToBeUnique(column="case_id"),
         gx.expectations.ExpectColumnValuesToNotBeNull(column="case_id"),
+    ]
+    if output_kind == "verdict":
+        rules.append(gx.expectations.ExpectColumnDistinctValuesToContainSet(column="expected_verdict", value_set=VERDICTS))
+    return rules
+
+
+def _per_row_rules(output_kind: str) -> list:
+    """Rules each row passes or fails on its own: checked chunk by chunk."""
+    import great_expectations as gx
+
+    rules = [
         gx.expectations.ExpectColumnValuesToNotBeNull(column="inputs_json"),
         gx.expectations.ExpectColumnValuesToNotBeNull(column="expected_json"),
         # Filled per case by the scorer's own check of the expected value; null means valid.
         gx.expectations.ExpectColumnValuesToBeNull(column="expected_error"),
     ]
     if output_kind == "verdict":
-        rules += [
-            gx.expectations.ExpectColumnValuesToBeInSet(column="expected_verdict", value_set=VERDICTS),
-            gx.expectations.ExpectColumnDistinctValuesToContainSet(column="expected_verdict", value_set=VERDICTS),
-        ]
+        rules.append(gx.expectations.ExpectColumnValuesToBeInSet(column="expected_verdict", value_set=VERDICTS))
     return rules
 
 
-def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str) -> ValidationOutcome:
-    """Run the expectations on one cases file's rows (as produced by golden.read_cases)."""
+def _validate_frame(frame, rules: list):
+    """Run `rules` on one pandas frame; the suite and asset are dropped afterwards (nothing accumulates)."""
     import great_expectations as gx
 
-    frame = cases.select("line", "case_id", "inputs_json", "expected_json", "expected_error", "expected_verdict").to_pandas()
     context = _context()
     name = f"cases_{next(_names)}"
-    batch = (
-        context.data_sources.get("golden")
-        .add_dataframe_asset(name)
-        .add_batch_definition_whole_dataframe("whole_file")
-        .get_batch(batch_parameters={"dataframe": frame})
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=_expectations(output_kind, len(frame))))
-    result = batch.validate(suite, result_format="COMPLETE")
+    source = context.data_sources.get("golden")
+    asset = source.add_dataframe_asset(name)
+    batch = asset.add_batch_definition_whole_dataframe("whole_file").get_batch(batch_parameters={"dataframe": frame})
+    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=rules))
+    try:
+        return batch.validate(suite, result_format="COMPLETE")
+    finally:
+        context.suites.delete(name)
+        source.delete_asset(name)
+
+
+@dataclass
+class _Failure:
+    kind: str
+    column: str | None
+    lines: set[int]
+    details: dict
+    messages: list[str]
+
+
+def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, chunk_rows: int = CHUNK_ROWS) -> ValidationOutcome:
+    """Run the expectations on one cases file's rows (as produced by golden.read_cases)."""
+    verdict = ["expected_verdict"] if output_kind == "verdict" else []
+    whole_rules, row_rules = _whole_file_rules(output_kind), _per_row_rules(output_kind)
+    failures: dict[tuple[str, str | None], _Failure] = {}
+
+    def collect(result, frame) -> None:
+        for item in result.results:
+            if item.success:
+                continue
+            config = item.expectation_config
+            column = config.kwargs.get("column")
+            details = item.result or {}
+            indexes = [i for i in details.get("unexpected_index_list") or [] if isinstance(i, int)]
+            failure = failures.setdefault((config.type, column), _Failure(config.type, column, set(), details, []))
+            failure.lines |= {int(frame.iloc[i]["line"]) for i in indexes}
+            if config.type == "expect_column_values_to_be_null":
+                failure.messages += [str(frame.iloc[i]["expected_error"]) for i in indexes[:5]]
+            elif config.type == "expect_column_values_to_be_in_set":
+                failure.messages += [str(v) for v in details.get("unexpected_list", [])]
+
+    narrow = cases.select("line", "case_id", *verdict).to_pandas()
+    collect(_validate_frame(narrow, whole_rules), narrow)
+    del narrow
+    for offset in range(0, cases.height, chunk_rows):
+        chunk = cases.slice(offset, chunk_rows).select(
+            "line", "case_id", "inputs_json", "expected_json", "expected_error", *verdict).to_pandas()
+        collect(_validate_frame(chunk, row_rules), chunk)
 
     problems = []
-    for item in result.results:
-        if item.success:
-            continue
-        config = item.expectation_config
-        column = config.kwargs.get("column")
-        kind = config.type
-        details = item.result or {}
-        indexes = details.get("unexpected_index_list") or []
-        lines = sorted({int(frame.iloc[i]["line"]) for i in indexes if isinstance(i, int)})
-        where = f"{source_file}" + (f", line(s) {', '.join(map(str, lines[:20]))}" if lines else "") + (f", field '{_field_name(column)}'" if column else "")
-        problems.append(f"{where}: {_describe(kind, details, frame, indexes)}")
-    return ValidationOutcome(source_file=source_file, passed=result.success, problems=problems, expectations_run=len(result.results))
+    for failure in failures.values():
+        lines = sorted(failure.lines)
+        where = (f"{source_file}" + (f", line(s) {', '.join(map(str, lines[:20]))}" if lines else "")
+                 + (f", field '{_field_name(failure.column)}'" if failure.column else ""))
+        problems.append(f"{where}: {_describe(failure)}")
+    return ValidationOutcome(source_file=source_file, passed=not failures, problems=problems,
+                             expectations_run=len(whole_rules) + len(row_rules))
 
 
 def _field_name(column: str) -> str:
@@ -104,19 +177,19 @@ def _field_name(column: str) -> str:
             "expected_error": "expected", "expected_verdict": "expected"}.get(column, column)
 
 
-def _describe(kind: str, details: dict, frame, indexes: list) -> str:
+def _describe(failure: _Failure) -> str:
+    kind, details = failure.kind, failure.details
     if kind == "expect_table_row_count_to_be_between":
         return f"has {details.get('observed_value')} cases; at least {MIN_CASES} are required"
     if kind == "expect_column_values_to_be_unique":
         values = sorted({str(v) for v in details.get("unexpected_list", [])})
         return f"duplicate id(s): {', '.join(values)}"
     if kind == "expect_column_values_to_be_null":
-        messages = [str(frame.iloc[i]["expected_error"]) for i in indexes[:5] if isinstance(i, int)]
-        return "invalid expected value: " + "; ".join(messages)
+        return "invalid expected value: " + "; ".join(failure.messages[:5])
     if kind == "expect_column_distinct_values_to_contain_set":
         return f"a verdict task needs both PASS and FAIL cases; found only {details.get('observed_value')}"
     if kind == "expect_column_values_to_be_in_set":
-        return f"must be one of {', '.join(VERDICTS)}; got {sorted({str(v) for v in details.get('unexpected_list', [])})}"
+        return f"must be one of {', '.join(VERDICTS)}; got {sorted(set(failure.messages))}"
     if kind == "expect_column_values_to_not_be_null":
         return "required value is missing"
     return f"{kind} failed: {details}"

@@ -21,6 +21,7 @@ import polars as pl
 from model_eval.crash_points import crash_point
 from model_eval.golden import TaskSpec
 from model_eval.prompts import ModelInput, build_input
+from model_eval.prices import cost_per_token
 from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache, cache_key
 
@@ -221,18 +222,15 @@ class CostCalculator:
             return None
         if self.spec.price_input_per_million is not None and self.spec.price_output_per_million is not None:
             return (input_tokens * self.spec.price_input_per_million + output_tokens * self.spec.price_output_per_million) / 1e6
-        try:
-            import litellm
-
-            prompt_cost, completion_cost = litellm.cost_per_token(model=self.spec.litellm_model, prompt_tokens=input_tokens,
-                                                                  completion_tokens=output_tokens)
-            return float(prompt_cost) + float(completion_cost)
-        except Exception:  # noqa: BLE001 - litellm raises various errors for models it does not price
-            if not self.warned:
-                log.warning("model %s: no price in the registry and litellm has none for %s; cost recorded as NULL",
-                            self.spec.name, self.spec.litellm_model)
-                self.warned = True
-            return None
+        # litellm's price map, read without importing litellm (seconds at start-up; see prices.py).
+        cost = cost_per_token(self.spec.litellm_model, input_tokens, output_tokens)
+        if cost is not None:
+            return cost
+        if not self.warned:
+            log.warning("model %s: no price in the registry and litellm has none for %s; cost recorded as NULL",
+                        self.spec.name, self.spec.litellm_model)
+            self.warned = True
+        return None
 
 
 async def _default_completion(**kwargs):

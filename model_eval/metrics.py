@@ -24,7 +24,7 @@ WITH per_case AS (
            bool_or(correct) AND NOT bool_and(correct) AS flipped,
            -- every repeat answered, parsed, and gave the same answer (an answer that never parses is not consistent)
            count(*) FILTER (WHERE call_failed OR parsed IS NULL) = 0 AND count(DISTINCT parsed) = 1 AS consistent
-    FROM scores {where}
+    FROM {source} {where}
     GROUP BY ALL
 ),
 per_case_summary AS (
@@ -50,7 +50,7 @@ per_call AS (
            CASE WHEN count(*) FILTER (WHERE NOT call_failed AND cost_usd IS NULL) > 0 THEN NULL
                 ELSE coalesce(sum(cost_usd) FILTER (WHERE NOT call_failed), 0) END AS total_cost_usd,
            max(scored_at) AS evaluated_at
-    FROM scores {where}
+    FROM {source} {where}
     GROUP BY ALL
 ),
 -- Local models only (remote servers have no rows: NULL, shown as unknown). The newest measurement at or
@@ -73,17 +73,19 @@ ORDER BY c.task, c.model, c.eval_run_id
 """
 
 
-def compute_metrics(conn: duckdb.DuckDBPyConnection, eval_run_ids: list[str] | None = None) -> pl.DataFrame:
+def compute_metrics(conn: duckdb.DuckDBPyConnection, eval_run_ids: list[str] | None = None,
+                    source: str = "scores") -> pl.DataFrame:
     """Metrics for the given eval runs (all runs when None), one row per (eval run, model, task, version).
 
     Accuracy is the mean over cases of each case's share of right repeats; its 95% interval is Wilson
-    over the cases (n = `cases`), never over calls.
+    over the cases (n = `cases`), never over calls. `source` is the relation holding score rows: the
+    `scores` table, or a subquery over some of its slices.
     """
     if eval_run_ids is None:
-        frame = conn.sql(METRICS_SQL.format(where="", tokens_per_s=OUTPUT_TOKENS_PER_S_SQL)).pl()
+        frame = conn.sql(METRICS_SQL.format(source=source, where="", tokens_per_s=OUTPUT_TOKENS_PER_S_SQL)).pl()
     else:
         where = "WHERE list_contains($ids::VARCHAR[], eval_run_id)"
-        frame = conn.sql(METRICS_SQL.format(where=where, tokens_per_s=OUTPUT_TOKENS_PER_S_SQL), params={"ids": eval_run_ids}).pl()
+        frame = conn.sql(METRICS_SQL.format(source=source, where=where, tokens_per_s=OUTPUT_TOKENS_PER_S_SQL), params={"ids": eval_run_ids}).pl()
     bounds = [wilson_interval(total, int(n)) for total, n in zip(frame["accuracy_sum"], frame["cases"])]
     return frame.with_columns(
         pl.Series("accuracy_low", [b[0] for b in bounds], dtype=pl.Float64),

@@ -25,6 +25,7 @@ from typing import Iterator
 import duckdb
 import polars as pl
 
+from model_eval import warehouse_slices
 from model_eval.crash_points import crash_point
 from model_eval.file_lock import describe_holder, exclusive_lock
 
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS golden_versions (
     task VARCHAR, dataset_version VARCHAR, source_file VARCHAR, file_hash VARCHAR, cases BIGINT,
     output_kind VARCHAR, scorer VARCHAR, is_current BOOLEAN, validation_passed BOOLEAN,
     expectations_run BIGINT, eval_run_id VARCHAR, ingested_at TIMESTAMP,
+    validation_key VARCHAR,                   -- what the validation depended on (golden_validation.validation_key)
     PRIMARY KEY (task, dataset_version, file_hash)
 );
 CREATE TABLE IF NOT EXISTS golden_cases (
@@ -61,19 +63,7 @@ CREATE TABLE IF NOT EXISTS eval_runs (
     models VARCHAR[], tasks VARCHAR[], calls BIGINT, cached_calls BIGINT, failed_calls BIGINT,
     status VARCHAR, status_reason VARCHAR, owner_process VARCHAR   -- see model_eval/eval_runs.py
 );
-CREATE TABLE IF NOT EXISTS inference_results (
-    eval_run_id VARCHAR, model VARCHAR, task VARCHAR, dataset_version VARCHAR, case_id VARCHAR,
-    repeat INTEGER, cache_key VARCHAR, response_text VARCHAR, latency_ms DOUBLE, input_tokens BIGINT,
-    output_tokens BIGINT, cost_usd DOUBLE, finish_reason VARCHAR, error_class VARCHAR,
-    error_message VARCHAR, attempts INTEGER, from_cache BOOLEAN, completed_at DOUBLE,
-    dagster_run_id VARCHAR
-);
-CREATE TABLE IF NOT EXISTS scores (
-    eval_run_id VARCHAR, model VARCHAR, task VARCHAR, dataset_version VARCHAR, case_id VARCHAR,
-    repeat INTEGER, scorer VARCHAR, score DOUBLE, correct BOOLEAN, parsed VARCHAR, reason VARCHAR,
-    call_failed BOOLEAN, latency_ms DOUBLE, input_tokens BIGINT, output_tokens BIGINT, cost_usd DOUBLE,
-    scored_at TIMESTAMP
-);
+-- inference_results and scores are views over Parquet slices: see warehouse_slices.py.
 CREATE TABLE IF NOT EXISTS model_task_metrics (
     eval_run_id VARCHAR, model VARCHAR, task VARCHAR, dataset_version VARCHAR, cases BIGINT, calls BIGINT,
     accuracy DOUBLE, accuracy_low DOUBLE, accuracy_high DOUBLE, mean_score DOUBLE, correctness DOUBLE,
@@ -87,7 +77,6 @@ ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS pass_all_k DOUBLE;
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS flip_rate DOUBLE;
 -- Capacity (model_eval/capacity.py): output tokens per second of each call, and for local models the
 -- serving process's peak resident memory and the model file's size. NULL where unknown (remote servers).
-ALTER TABLE inference_results ADD COLUMN IF NOT EXISTS output_tokens_per_s DOUBLE;
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS output_tokens_per_s DOUBLE;
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS peak_memory_mb DOUBLE;
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS memory_eval_run_id VARCHAR;
@@ -157,6 +146,7 @@ MIGRATIONS = """
 ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS status VARCHAR;
 ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS status_reason VARCHAR;
 ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS owner_process VARCHAR;
+ALTER TABLE golden_versions ADD COLUMN IF NOT EXISTS validation_key VARCHAR;
 """
 
 ALL_DDL = (SCHEMA, CREATE_PROMOTION_TABLES, CREATE_PRODUCTION_TABLES, MIGRATIONS)
@@ -256,10 +246,12 @@ def write_connection(path: Path, lock_timeout_s: float | None = None) -> Iterato
             yield conn
             crash_point("warehouse.committed")
             conn.execute("CHECKPOINT")  # everything into the main file before it is copied
+            listed = warehouse_slices.listed_files(conn)
         finally:
             conn.close()
         _publish(working, path)
         unpublished.unlink()
+        warehouse_slices.collect_garbage(path, listed)
 
 
 @contextmanager
@@ -287,6 +279,7 @@ def create_tables(conn: duckdb.DuckDBPyConnection) -> None:
     """Every table of the warehouse (idempotent); the one place their columns are declared."""
     for ddl in ALL_DDL:
         conn.execute(ddl)
+    warehouse_slices.prepare(conn)
 
 
 @contextmanager
@@ -302,7 +295,20 @@ def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConn
 
 
 def replace_slice(conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame, where: dict[str, object]) -> int:
-    """Delete the rows matching `where` and insert `frame`, in one transaction. Returns rows inserted."""
+    """Delete the rows matching `where` and insert `frame`, in one transaction. Returns rows inserted.
+
+    For `inference_results` and `scores` (Parquet slices), `where` must name the eval run and the model.
+    """
+    if table in warehouse_slices.SLICED_TABLES:
+        if set(where) != {"eval_run_id", "model"}:
+            raise ValueError(f"{table} is replaced one (eval_run_id, model) slice at a time, not by {sorted(where)}")
+        with transaction(conn):
+            conn.register("incoming_rows", frame.to_arrow())
+            try:
+                return warehouse_slices.write_slice(conn, table, str(where["eval_run_id"]), str(where["model"]),
+                                                    "SELECT * FROM incoming_rows")
+            finally:
+                conn.unregister("incoming_rows")
     predicate = " AND ".join(f"{column} = ?" for column in where) or "TRUE"
     with transaction(conn):
         conn.execute(f"DELETE FROM {table} WHERE {predicate}", list(where.values()))

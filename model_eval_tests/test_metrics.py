@@ -9,7 +9,7 @@ import pytest
 from model_eval.metrics import compute_metrics
 from model_eval.scoring import SCORE_SCHEMA
 from model_eval.stats import wilson_interval
-from model_eval.warehouse import SCHEMA
+from model_eval.warehouse import create_tables
 
 
 def _scores(rows: list[tuple]) -> pl.DataFrame:
@@ -26,7 +26,7 @@ def _scores(rows: list[tuple]) -> pl.DataFrame:
 @pytest.fixture
 def conn():
     connection = duckdb.connect()
-    connection.execute(SCHEMA)
+    create_tables(connection)
     yield connection
     connection.close()
 

@@ -17,6 +17,7 @@ from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache
 from model_eval.scoring import score_results
 from model_eval.steps._common import Log, utc_now
+from model_eval.warehouse_slices import no_rows, write_slice
 
 CURRENT_CASE_COUNTS = """
 SELECT c.task, count(*) FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
@@ -77,14 +78,15 @@ def run_inference(
     if stats.unknown_cost:
         log.warning(f"model {spec.name}: {stats.unknown_cost} call(s) have no known price; their cost is NULL")
     with warehouse.write_connection(paths.warehouse_file) as conn, warehouse.transaction(conn):
-        conn.execute("DELETE FROM inference_results WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
         part_files = sorted(str(p) for p in staging.glob("part-*.parquet"))
+        # The file list is a parameter: a path with quotes or glob characters stays a path.
         if part_files:
-            # The file list is a parameter: a path with quotes or glob characters stays a path.
-            conn.execute(f"""INSERT INTO inference_results BY NAME
-                             SELECT *, ? AS eval_run_id, ?::VARCHAR AS dagster_run_id,
-                                    CASE WHEN error_class IS NULL THEN {capacity.OUTPUT_TOKENS_PER_S_SQL} END AS output_tokens_per_s
-                             FROM read_parquet(?)""", [eval_run_id, dagster_run_id, part_files])
+            source = f"""SELECT *, ?::VARCHAR AS eval_run_id, ?::VARCHAR AS dagster_run_id,
+                                CASE WHEN error_class IS NULL THEN {capacity.OUTPUT_TOKENS_PER_S_SQL} END AS output_tokens_per_s
+                         FROM read_parquet(?)"""
+            write_slice(conn, "inference_results", eval_run_id, spec.name, source, [eval_run_id, dagster_run_id, part_files])
+        else:
+            write_slice(conn, "inference_results", eval_run_id, spec.name, no_rows("inference_results"))
         _record_resources(conn, spec, eval_run_id, sampler, part_files)
         _record_eval_run(conn, eval_run_id, trigger)
         crash_point("inference.write")

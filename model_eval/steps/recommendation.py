@@ -15,6 +15,7 @@ from model_eval.metrics import LATEST_METRICS_SQL, case_accuracies_of, compute_m
 from model_eval.policies import Anchors, recommend, registered_policies
 from model_eval.project import Project
 from model_eval.steps._common import Log, utc_now
+from model_eval.warehouse_slices import mark_summarised, unsummarised_scores
 
 RECOMMENDATION_COLUMN_TYPES = {"champion": pl.String, "runner_up": pl.String, "champion_score": pl.Float64,
                                "runner_up_score": pl.Float64, "confidence": pl.Float64,
@@ -23,18 +24,32 @@ RECOMMENDATION_COLUMN_TYPES = {"champion": pl.String, "runner_up": pl.String, "c
 
 
 def refresh_metrics(project: Project, log: Log, completing: str | None = None) -> pl.DataFrame:
-    """Recompute every (eval run, model, task) row from the scores of complete evaluations, and swap the
-    table in one transaction. `completing` names an evaluation whose partitions have all finished: it is
-    marked complete in that same transaction (unless it was found dead meanwhile)."""
+    """Bring `model_task_metrics` up to date with the scores of complete evaluations, in one transaction,
+    and return the whole table. `completing` names an evaluation whose partitions have all finished: it
+    is marked complete in that same transaction (unless it was found dead meanwhile).
+
+    Metrics of one (eval run, model) depend on that slice's scores only, so only score slices written
+    since the last refresh (of admitted evaluations) are computed: the work is the new slices', however
+    many rows the warehouse already holds."""
     with warehouse.write_connection(project.paths.warehouse_file) as conn, warehouse.transaction(conn):
         if completing is not None and eval_runs.complete(conn, completing) == eval_runs.INCOMPLETE:
             log.warning(f"eval run {completing} is marked incomplete; its results do not feed metrics")
             completing = None
-        metrics = compute_metrics(conn, eval_runs.admitted(conn, completing))
-        conn.execute("DELETE FROM model_task_metrics")
-        conn.register("fresh_metrics", metrics.to_arrow())
-        conn.execute("INSERT INTO model_task_metrics BY NAME SELECT * FROM fresh_metrics")
+        admitted = eval_runs.admitted(conn, completing)
+        conn.execute("DELETE FROM model_task_metrics WHERE NOT list_contains(?::VARCHAR[], eval_run_id)", [admitted])
+        source = unsummarised_scores(conn, admitted)
+        if source is not None:
+            fresh = compute_metrics(conn, source=source)
+            conn.execute("""DELETE FROM model_task_metrics m WHERE EXISTS (
+                                SELECT 1 FROM warehouse_slices s WHERE s.table_name = 'scores' AND s.summarised_at IS NULL
+                                AND s.eval_run_id = m.eval_run_id AND s.model = m.model)""")
+            if fresh.height:
+                conn.register("fresh_metrics", fresh.to_arrow())
+                conn.execute("INSERT INTO model_task_metrics BY NAME SELECT * FROM fresh_metrics")
+                conn.unregister("fresh_metrics")
+            mark_summarised(conn, admitted)
         crash_point("metrics.write")
+        metrics = conn.sql("SELECT * FROM model_task_metrics ORDER BY task, model, eval_run_id").pl()
     log.info(f"metrics: {metrics.height} (eval run, model, task) rows")
     return metrics
 
