@@ -107,7 +107,8 @@ def _per_row_rules(output_kind: str) -> list:
 
 
 def _validate_frame(frame, rules: list):
-    """Run `rules` on one pandas frame; the suite and asset are dropped afterwards (nothing accumulates)."""
+    """Run `rules` (new expectation objects: GX binds each to one suite) on one pandas frame; the suite
+    and asset are dropped afterwards, so nothing accumulates over chunks."""
     import great_expectations as gx
 
     context = _context()
@@ -135,7 +136,6 @@ class _Failure:
 def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, chunk_rows: int = CHUNK_ROWS) -> ValidationOutcome:
     """Run the expectations on one cases file's rows (as produced by golden.read_cases)."""
     verdict = ["expected_verdict"] if output_kind == "verdict" else []
-    whole_rules, row_rules = _whole_file_rules(output_kind), _per_row_rules(output_kind)
     failures: dict[tuple[str, str | None], _Failure] = {}
 
     def collect(result, frame) -> None:
@@ -154,12 +154,12 @@ def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, chun
                 failure.messages += [str(v) for v in details.get("unexpected_list", [])]
 
     narrow = cases.select("line", "case_id", *verdict).to_pandas()
-    collect(_validate_frame(narrow, whole_rules), narrow)
+    collect(_validate_frame(narrow, _whole_file_rules(output_kind)), narrow)
     del narrow
     for offset in range(0, cases.height, chunk_rows):
         chunk = cases.slice(offset, chunk_rows).select(
             "line", "case_id", "inputs_json", "expected_json", "expected_error", *verdict).to_pandas()
-        collect(_validate_frame(chunk, row_rules), chunk)
+        collect(_validate_frame(chunk, _per_row_rules(output_kind)), chunk)
 
     problems = []
     for failure in failures.values():
@@ -168,7 +168,7 @@ def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, chun
                  + (f", field '{_field_name(failure.column)}'" if failure.column else ""))
         problems.append(f"{where}: {_describe(failure)}")
     return ValidationOutcome(source_file=source_file, passed=not failures, problems=problems,
-                             expectations_run=len(whole_rules) + len(row_rules))
+                             expectations_run=len(_whole_file_rules(output_kind)) + len(_per_row_rules(output_kind)))
 
 
 def _field_name(column: str) -> str:

@@ -1,0 +1,77 @@
+"""`model-eval run` imports heavy modules only where they are used: an unchanged re-run needs neither
+Great Expectations (validation is reused) nor litellm (every answer is cached; prices come from its JSON map)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from model_eval.prices import cost_per_token, price_map
+from model_eval.settings import PROJECT_ROOT
+from model_eval_tests.conftest import copy_golden
+from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, ok
+
+
+def _imported(importtime_log: str) -> set[str]:
+    """Top-level package names from `python -X importtime` output."""
+    names = set()
+    for line in importtime_log.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+@pytest.fixture
+def stub_project(tmp_path):
+    with FakeOpenAIServer(always(ok("PASS"))) as server:
+        golden = copy_golden(tmp_path / "golden", cases_per_task=10, tasks=["grading"])
+        (tmp_path / "models.yaml").write_text(
+            f"models:\n  - {{name: stub, model: openai/fake, api_base: '{server.api_base}', max_concurrency: 8,"
+            " price_per_million: {input: 1.0, output: 2.0}}\n")
+        deployment = (PROJECT_ROOT / "deployment.yaml").read_text()
+        start, end = deployment.index("initial_assignments:"), deployment.index("\n# Gates")
+        deployment = deployment[:start] + "initial_assignments:\n  grading: stub\n" + deployment[end:]
+        deployment = deployment.replace("log_file: warehouse/alerts.log", f"log_file: {tmp_path / 'alerts.log'}")
+        (tmp_path / "deployment.yaml").write_text(deployment)
+        env = {**os.environ, "MODEL_EVAL_GOLDEN_DIR": str(golden), "MODEL_EVAL_REGISTRY": str(tmp_path / "models.yaml"),
+               "MODEL_EVAL_DEPLOYMENT": str(tmp_path / "deployment.yaml"),
+               "MODEL_EVAL_WAREHOUSE": str(tmp_path / "warehouse" / "model_eval.duckdb"),
+               "DAGSTER_HOME": str(tmp_path / "dagster_home"), "no_proxy": "127.0.0.1", "PYTHONPATH": str(PROJECT_ROOT)}
+        yield env, server
+
+
+def _run(env) -> set[str]:
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "model_eval.cli", "run", "-q"], env=env,
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _imported(done.stderr)
+
+
+def test_an_unchanged_rerun_imports_neither_great_expectations_nor_litellm(stub_project):
+    env, server = stub_project
+    first = _run(env)
+    assert {"great_expectations", "litellm"} <= first          # the first run validates and calls
+    calls = server.total
+    assert calls == 30
+    second = _run(env)
+    assert server.total == calls                                 # every answer from the cache
+    assert "great_expectations" not in second and "litellm" not in second
+    assert "dagster" in second                                   # the runs still go through the instance
+
+
+def test_prices_read_from_the_map_match_litellm_for_openai_and_anthropic_chat_models():
+    litellm = pytest.importorskip("litellm")
+    checked = 0
+    for key, entry in price_map().items():
+        provider = entry.get("litellm_provider")
+        if entry.get("mode") != "chat" or provider not in ("openai", "anthropic") or "input_cost_per_token" not in entry:
+            continue
+        model = key if key.startswith(f"{provider}/") else f"{provider}/{key}"
+        prompt, completion = litellm.cost_per_token(model=model, prompt_tokens=1234, completion_tokens=56)
+        assert cost_per_token(model, 1234, 56) == pytest.approx(prompt + completion, rel=1e-9, abs=1e-15), model
+        checked += 1
+    assert checked > 50
+    assert cost_per_token("openai/no-such-model", 10, 10) is None
