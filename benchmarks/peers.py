@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.common import REPO, Endpoint, Figure
 
@@ -139,7 +140,7 @@ class Timing:
     cpu_s: float        # user + sys of the process and every child it waited for
 
 
-def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> Timing:
+def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path, ok_codes: frozenset[int] = frozenset({0})) -> Timing:
     """Run `command` to its end; raise with the tail of its output if it fails."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -148,13 +149,15 @@ def timed(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> Timi
                               timeout=RUN_LIMIT_S)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
+    if proc.returncode not in ok_codes:
         raise RuntimeError(f"{' '.join(command[:3])} ... exited with {proc.returncode}: {log.read_text()[-1500:]}")
     return Timing(wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
 
 
 def base_env() -> dict[str, str]:
     env = dict(os.environ)
+    # model-eval from this checkout, whatever the interpreter has installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update({"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                 "GX_ANALYTICS_ENABLED": "false", "DAGSTER_DISABLE_TELEMETRY": "1",
                 "PROMPTFOO_DISABLE_TELEMETRY": "1", "PROMPTFOO_DISABLE_UPDATE": "1"})
@@ -190,13 +193,14 @@ class Runner:
     command: list[str]
     env: dict[str, str]
     cwd: Path
-    reset: callable = None          # called before each timed run (e.g. a fresh log folder)
+    reset: Callable[[], None] | None = None   # called before each run (e.g. a fresh log folder)
+    ok_codes: frozenset[int] = frozenset({0})
     timings: list[Timing] = field(default_factory=list)
 
     def run(self, log: Path) -> Timing:
         if self.reset:
             self.reset()
-        timing = timed(self.command, self.env, self.cwd, log)
+        timing = timed(self.command, self.env, self.cwd, log, self.ok_codes)
         self.timings.append(timing)
         return timing
 
@@ -224,13 +228,16 @@ def build_runners(root: Path, n: int, concurrency: int, api_base: str, peers: di
         pf_env = {**base_env(), "PROMPTFOO_CONFIG_DIR": str(root / "promptfoo" / "home"), "OPENAI_API_KEY": "sk-no-key"}
         runners.append(Runner("promptfoo", [*peers["promptfoo"], "eval", "-c", str(config), "--no-cache", "--no-write",
                                             "--no-table", "--no-progress-bar", "-j", str(concurrency)],
-                              pf_env, config.parent))
+                              # 100: "some assertions failed", which they do: the stub says PASS to every case.
+                              pf_env, config.parent, ok_codes=frozenset({0, 100})))
     if peers.get("inspect"):
         task_file = write_inspect_task(root / "inspect", cases)
         logs = root / "inspect" / "logs"
-        in_env = {**base_env(), "OPENAI_API_KEY": "sk-no-key", "OPENAI_BASE_URL": api_base, "INSPECT_LOG_DIR": str(logs),
+        # openai-api/<name>/<model>: Inspect's OpenAI-compatible chat provider, configured by <NAME>_BASE_URL and
+        # <NAME>_API_KEY (its openai/ provider speaks the Responses API, which the stub does not serve).
+        in_env = {**base_env(), "STUB_API_KEY": "sk-no-key", "STUB_BASE_URL": api_base, "INSPECT_LOG_DIR": str(logs),
                   "INSPECT_DISPLAY": "none"}
-        runners.append(Runner("inspect", [*peers["inspect"], "eval", str(task_file), "--model", "openai/fake",
+        runners.append(Runner("inspect", [*peers["inspect"], "eval", task_file.name, "--model", "openai-api/stub/fake",
                                           "--max-connections", str(concurrency), "--display", "none"],
                               in_env, task_file.parent, reset=lambda: shutil.rmtree(logs, ignore_errors=True)))
     return runners

@@ -13,6 +13,9 @@ Sections (see benchmarks/README.md for what each figure means, how it is measure
 3 memory      peak RSS of `steps.evaluation.run_inference` for 10,000 and 100,000 cases, each in a fresh
               process, with the idle interpreter's RSS and the ingestion time beside it.
 4 warehouse   metrics and recommendations over 1,000,000 score rows; scoring per row.
+5 peers       `model-eval run` end to end against promptfoo and Inspect AI (when installed) on the same
+              cases and a stub answering in 20 ms: 20 and 2,000 cases, concurrency 32 and 64.
+6 publish     writing one run into a warehouse holding 1,000,000 result rows versus an empty one.
 
 The fake endpoint is the test double model_eval_tests/fake_openai_server.py, run in processes of
 its own by benchmarks/fake_endpoint.py so it never competes with the measured client for the GIL.
@@ -34,15 +37,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402  (sets the environment before litellm is imported)
-from benchmarks import faults, memory, throughput, warehouse  # noqa: E402
+from benchmarks import faults, memory, peers, publish, throughput, warehouse  # noqa: E402
 
-SECTIONS = ["throughput", "faults", "memory", "warehouse"]
+SECTIONS = ["throughput", "faults", "memory", "warehouse", "peers", "publish"]
 
 # Full sizes, and the --quick ones (about a tenth; the memory pair keeps its 10x step).
 FULL = dict(calls=2000, concurrency=[32, 64], rounds=4, fault_calls=2000, memory_sizes=[10_000, 100_000],
-            metric_rows=1_000_000, score_rows=100_000)
+            metric_rows=1_000_000, score_rows=100_000, peer_sizes=[20, 2000], peer_rounds=3, publish_rows=1_000_000,
+            publish_rounds=3)
 QUICK = dict(calls=300, concurrency=[32, 64], rounds=2, fault_calls=200, memory_sizes=[300, 3_000],
-             metric_rows=100_000, score_rows=10_000)
+             metric_rows=100_000, score_rows=10_000, peer_sizes=[20], peer_rounds=1, publish_rows=100_000,
+             publish_rounds=1)
 
 
 def versions() -> str:
@@ -79,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit", type=float, default=300, help="seconds each memory child may take")
     parser.add_argument("--metric-rows", type=int, help="score rows in 4")
     parser.add_argument("--score-rows", type=int, help="rows scored in 4 (extrapolated to 1M)")
+    parser.add_argument("--peer-sizes", type=int_list, help="comma-separated suite sizes (cases) for 5, e.g. 20,2000")
+    parser.add_argument("--peer-rounds", type=int, help="timed runs per runner and size in 5 (the median is reported)")
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="how long the stub takes to answer in 5")
+    parser.add_argument("--publish-rows", type=int, help="result rows already in the warehouse in 6")
+    parser.add_argument("--publish-rounds", type=int, help="timed runs per warehouse in 6")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the engine even when 1 passes")
     args = parser.parse_args(argv)
     size = {**(QUICK if args.quick else FULL),
@@ -89,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load()
     figures: list[common.Figure] = []
     profile = None
+    peer_versions: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="model_eval_bench_") as tmp:
         workdir = Path(tmp)
         if "throughput" in sections:
@@ -107,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         if "warehouse" in sections:
             print(f"4 warehouse: {size['metric_rows']:,} score rows...", flush=True)
             figures += warehouse.measure(size["metric_rows"], size["score_rows"], workdir).figures()
+        if "peers" in sections:
+            print(f"5 peers: {', '.join(f'{n:,}' for n in size['peer_sizes'])} cases at concurrency {size['concurrency']}...",
+                  flush=True)
+            result = peers.measure(size["peer_sizes"], size["concurrency"], size["peer_rounds"], args.delay_ms, workdir)
+            figures += result.figures()
+            peer_versions = result.versions
+        if "publish" in sections:
+            print(f"6 publish: a run into an empty warehouse and one with {size['publish_rows']:,} result rows...", flush=True)
+            figures += publish.measure(size["publish_rows"], size["publish_rounds"], workdir).figures()
 
     print()
     print(f"model_eval benchmark{' (--quick)' if args.quick else ''}  "
@@ -115,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
           f"python {platform.python_version()}")
     print(f"load average (1/5/15 min): {load_before} before, {load()} after (other work shares these cores)")
     print(f"versions: {versions()}")
+    if peer_versions:
+        print(f"peers: {', '.join(peer_versions.values())}")
     print("endpoint: fake OpenAI server (test double) in separate processes on 127.0.0.1")
     if args.quick:
         # Runs of a second or two on a shared machine: a ratio can move by 20% between runs.

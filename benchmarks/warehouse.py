@@ -32,6 +32,7 @@ from model_eval.metrics import compute_metrics  # noqa: E402
 from model_eval.policies import recommend, registered_policies  # noqa: E402
 from model_eval.scoring import score_results  # noqa: E402
 from model_eval.settings import ProjectPaths  # noqa: E402
+from model_eval.warehouse_slices import write_slice  # noqa: E402
 
 MODELS = 5
 EVAL_RUNS = 4
@@ -39,31 +40,48 @@ TARGET_RECOMPUTE_1M_S = 10.0          # metrics + recommendations over 1M score 
 TARGET_SCORE_AND_METRICS_1M_S = 60.0  # a full re-score of 1M rows plus metrics fits in a minute
 
 
-def fill_scores(db: Path, rows: int) -> None:
-    """`rows` synthetic score rows: EVAL_RUNS runs x MODELS models x 3 tasks x cases x 3 repeats."""
+def fill_scores(db: Path, rows: int, with_inference: bool = False) -> None:
+    """`rows` synthetic score rows: EVAL_RUNS runs x MODELS models x 3 tasks x cases x 3 repeats, written the
+    way the pipeline writes them, one (eval run, model) slice at a time; `with_inference` adds the same
+    number of inference_results rows."""
     tasks = [t.name for t in load_tasks(REPO / "golden")]
     versions = {t.name: t.dataset_version for t in load_tasks(REPO / "golden")}
-    per_run = rows // EVAL_RUNS
+    per_slice = rows // (EVAL_RUNS * MODELS)
     task_list = "[" + ", ".join(f"'{t}'" for t in tasks) + "]"
     version_of = "CASE " + " ".join(f"WHEN t = '{t}' THEN '{v}'" for t, v in versions.items()) + " END"
-    with warehouse.write_connection(db) as conn:     # the real schema
-        # i -> (run, model, task, case, repeat); hash(i) gives stable pseudo-random verdicts,
-        # failures and latencies. Each run is a day newer, so "newest metrics" is well defined.
-        conn.execute(f"""
-            INSERT INTO scores
-            SELECT 'bench-run-' || r, 'model-' || (j % {MODELS}), t, {version_of},
-                   'case-' || (j // ({MODELS} * 9)), ((j // ({MODELS} * 3)) % 3)::INTEGER, 'verdict',
-                   CASE WHEN h % 10 < 8 THEN 1.0 ELSE 0.0 END, h % 10 < 8,
-                   CASE WHEN h % 100 = 0 THEN NULL WHEN h % 10 < 8 THEN 'PASS' ELSE 'FAIL' END,
-                   'synthetic', h % 100 = 0, 50 + (h % 2000)::DOUBLE, 200 + h % 300, 1 + h % 5,
-                   CASE WHEN j % {MODELS} = {MODELS - 1} THEN NULL ELSE (h % 1000) * 1e-7 END,
-                   TIMESTAMP '2026-01-01' + INTERVAL (r) DAY
-            FROM (SELECT i // {per_run} AS r, i % {per_run} AS j, hash(i) AS h,
-                         {task_list}[((i % {per_run}) // {MODELS}) % {len(tasks)} + 1] AS t
-                  FROM range({per_run * EVAL_RUNS}) AS s(i))""")
+    # j -> (task, case, repeat); hash(run, model, j) gives stable pseudo-random verdicts, failures and
+    # latencies. Each run is a day newer, so "newest metrics" is well defined.
+    rows_of = f"""
+        SELECT ?::VARCHAR AS eval_run_id, ?::VARCHAR AS model, t AS task, {version_of} AS dataset_version,
+               'case-' || (j // 9) AS case_id, ((j // 3) % 3)::INTEGER AS repeat, h, ?::INTEGER AS r, ?::INTEGER AS m
+        FROM (SELECT j, hash(?, ?, j) AS h, {task_list}[(j % {len(tasks)}) + 1] AS t FROM range({per_slice}) AS s(j))"""
+    scores = f"""
+        SELECT eval_run_id, model, task, dataset_version, case_id, repeat, 'verdict' AS scorer,
+               CASE WHEN h % 10 < 8 THEN 1.0 ELSE 0.0 END AS score, h % 10 < 8 AS correct,
+               CASE WHEN h % 100 = 0 THEN NULL WHEN h % 10 < 8 THEN 'PASS' ELSE 'FAIL' END AS parsed,
+               'synthetic' AS reason, h % 100 = 0 AS call_failed, 50 + (h % 2000)::DOUBLE AS latency_ms,
+               200 + h % 300 AS input_tokens, 1 + h % 5 AS output_tokens,
+               CASE WHEN m = {MODELS - 1} THEN NULL ELSE (h % 1000) * 1e-7 END AS cost_usd,
+               TIMESTAMP '2026-01-01' + INTERVAL (r) DAY AS scored_at
+        FROM ({rows_of})"""
+    inference = f"""
+        SELECT eval_run_id, model, task, dataset_version, case_id, repeat, md5(h::VARCHAR) AS cache_key,
+               CASE WHEN h % 10 < 8 THEN 'PASS' ELSE 'FAIL' END AS response_text, 50 + (h % 2000)::DOUBLE AS latency_ms,
+               200 + h % 300 AS input_tokens, 1 + h % 5 AS output_tokens, (h % 1000) * 1e-7 AS cost_usd,
+               'stop' AS finish_reason, NULL AS error_class, NULL AS error_message, 1 AS attempts, FALSE AS from_cache,
+               1.7e9 + r * 86400 AS completed_at, 'bench' AS dagster_run_id
+        FROM ({rows_of})"""
+    with warehouse.write_connection(db) as conn, warehouse.transaction(conn):
+        for r in range(EVAL_RUNS):
+            for m in range(MODELS):
+                run, model = f"bench-run-{r}", f"model-{m}"
+                params = [run, model, r, m, run, model]
+                write_slice(conn, "scores", run, model, scores, params)
+                if with_inference:
+                    write_slice(conn, "inference_results", run, model, inference, params)
         count = conn.execute("SELECT count(*) FROM scores").fetchall()[0][0]
-    if count != per_run * EVAL_RUNS:
-        raise RuntimeError(f"expected {per_run * EVAL_RUNS} score rows, found {count}")
+    if count != per_slice * EVAL_RUNS * MODELS:
+        raise RuntimeError(f"expected {per_slice * EVAL_RUNS * MODELS} score rows, found {count}")
 
 
 def newest_candidates(metrics: pl.DataFrame, task: str, version: str) -> pl.DataFrame:
