@@ -10,9 +10,9 @@ one model pointing at the instant fake endpoint. It then runs this module as chi
 A child reports its own peak resident set on its last stdout line, as JSON: VmHWM from
 /proc/self/status, because ru_maxrss in a child inherits the parent's peak (see `peak_rss_mb`).
 The idle baseline is the ingest child's peak right after the imports an evaluation makes.
-Ingestion runs in a process of its own so that Great Expectations' pandas copy of the cases is not
-counted as the evaluation's peak; one process ingests every size (smallest first), which saves an
-interpreter start (~8 s, mostly importing litellm) per size.
+Ingestion runs in a process of its own per size, so that its peak (Great Expectations validates the
+cases in chunks of pandas rows) is not counted as the evaluation's, and each size's ingestion peak
+is its own: the 10x-cases ingestion must also stay under 2x the memory.
 
 The parent watches each child with a time limit: if it runs out, the child is killed and its peak
 so far is read from /proc/<pid>/status (VmHWM), with how far it got.
@@ -291,6 +291,11 @@ class MemoryFigures:
             ing = self.ingest.result["projects"][str(n)]
             out.append(Figure(f"3 memory: ingest {n:,} cases (GX validation + write)",
                               f"{ing['ingest_s']:.1f} s (peak {ing['peak_rss_mb']:,.0f} MB; sync registry {ing['sync_s']:.1f} s)"))
+        small_peak = self.ingest.result["projects"][str(self.sizes[0])]["peak_rss_mb"]
+        large_peak = self.ingest.result["projects"][str(self.sizes[-1])]["peak_rss_mb"]
+        ratio = large_peak / small_peak
+        out.append(Figure(f"3 memory: ingest peak {self.sizes[-1]:,} / peak {self.sizes[0]:,} cases", f"{ratio:.2f}",
+                          f"< {TARGET_RATIO:g}", ratio < TARGET_RATIO))
         for n in self.sizes:
             ev = self.evaluate[n]
             label = f"3 memory: peak RSS, {n:,} cases, run_inference ({self.client})"
@@ -316,12 +321,20 @@ class MemoryFigures:
 
 
 def measure(sizes: list[int], workdir: Path, limit_s: float, client: str, api_base: str) -> MemoryFigures:
-    """Ingest, then evaluate, a golden set of each size; `api_base` must be an instant endpoint."""
+    """Ingest, then evaluate, a golden set of each size; `api_base` must be an instant endpoint.
+
+    Each size is ingested by a child of its own, so each ingestion's peak is its own (a peak only grows)."""
     sizes = sorted(sizes)
     roots = [prepare_project(workdir / "memory" / str(n), n, api_base) for n in sizes]
-    ingest = run_child(["ingest", *map(str, roots)], limit_s, workdir / "memory-ingest.log")
-    if ingest.result:   # key the per-project results by size
-        ingest.result["projects"] = {str(n): ingest.result["projects"][str(root)] for n, root in zip(sizes, roots)}
+    ingest = Child({"projects": {}, "idle_rss_mb": None}, 0.0, 0.0, None)
+    for n, root in zip(sizes, roots):
+        child = run_child(["ingest", str(root)], limit_s, workdir / f"memory-ingest-{n}.log")
+        if child.result is None:
+            ingest = child
+            break
+        ingest.result["projects"][str(n)] = child.result["projects"][str(root)]
+        ingest.result["idle_rss_mb"] = child.result["idle_rss_mb"]
+        ingest.seconds += child.seconds
     evaluate = {}
     for n, root in zip(sizes, roots):
         if ingest.result is None:
