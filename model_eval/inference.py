@@ -20,8 +20,8 @@ import polars as pl
 
 from model_eval.crash_points import crash_point
 from model_eval.golden import TaskSpec
+from model_eval.model_map import price_per_million
 from model_eval.prompts import ModelInput, build_input
-from model_eval.prices import cost_per_token
 from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache, cache_key
 
@@ -222,10 +222,10 @@ class CostCalculator:
             return None
         if self.spec.price_input_per_million is not None and self.spec.price_output_per_million is not None:
             return (input_tokens * self.spec.price_input_per_million + output_tokens * self.spec.price_output_per_million) / 1e6
-        # litellm's price map, read without importing litellm (seconds at start-up; see prices.py).
-        cost = cost_per_token(self.spec.litellm_model, input_tokens, output_tokens)
-        if cost is not None:
-            return cost
+        # litellm's price map, read without importing litellm (that import takes seconds; see model_map.py).
+        prices = price_per_million(self.spec.litellm_model)
+        if prices is not None:
+            return (input_tokens * prices[0] + output_tokens * prices[1]) / 1e6
         if not self.warned:
             log.warning("model %s: no price in the registry and litellm has none for %s; cost recorded as NULL",
                         self.spec.name, self.spec.litellm_model)

@@ -139,8 +139,9 @@ def _write_file(conn: duckdb.DuckDBPyConnection, table: str, target: Path, query
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     typed = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind in columns(table))
-    copied = conn.execute(f"COPY (SELECT {typed} FROM ({query})) TO {_literal(str(temporary))} (FORMAT parquet, COMPRESSION zstd)",
-                          params).fetchall()
+    # Columns the query lacks are NULL; every column gets the table's type.
+    copied = conn.execute(f"COPY (SELECT {typed} FROM ({no_rows(table)} UNION ALL BY NAME ({query}))) "
+                          f"TO {_literal(str(temporary))} (FORMAT parquet, COMPRESSION zstd)", params).fetchall()
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, target)
@@ -171,6 +172,18 @@ def write_slice(conn: duckdb.DuckDBPyConnection, table: str, eval_run_id: str, m
                  [table, eval_run_id, model, relative, rows])
     refresh_view(conn, table, root)
     return rows
+
+
+def append_rows(conn: duckdb.DuckDBPyConnection, table: str, relation: str) -> int:
+    """Add the rows of the registered relation `relation` to the slices of `table` they belong to
+    (each (eval run, model) slice is rewritten whole). For tests and repairs; the pipeline replaces slices."""
+    keys = conn.execute(f"SELECT DISTINCT eval_run_id, model FROM {relation}").fetchall()
+    for eval_run_id, model in keys:
+        write_slice(conn, table, eval_run_id, model,
+                    f"""SELECT * FROM {table} WHERE eval_run_id = $1 AND model = $2
+                        UNION ALL BY NAME SELECT * FROM {relation} WHERE eval_run_id = $1 AND model = $2""",
+                    [eval_run_id, model])
+    return len(keys)
 
 
 def _is_base_table(conn: duckdb.DuckDBPyConnection, table: str) -> bool:

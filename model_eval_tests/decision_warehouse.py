@@ -20,6 +20,7 @@ from model_eval.golden import TaskSpec, load_task
 from model_eval.metrics import compute_metrics
 from model_eval.promotion import record
 from model_eval.scoring import SCORE_SCHEMA
+from model_eval.warehouse_slices import write_slice
 from model_eval.settings import PROJECT_ROOT
 from model_eval.steps._common import utc_now
 
@@ -81,8 +82,10 @@ class DecisionWarehouse:
                              "input_tokens": 100, "output_tokens": 5, "cost_usd": None if call_failed else cost})
         frame = pl.DataFrame(rows, schema=SCORE_SCHEMA).with_columns(pl.lit(scored_at or utc_now()).alias("scored_at"))
         self.conn.register("incoming", frame.to_arrow())
-        self.conn.execute("DELETE FROM scores WHERE eval_run_id = ? AND model = ? AND task = ?", [eval_run_id, model, task.name])
-        self.conn.execute("INSERT INTO scores BY NAME SELECT * FROM incoming")
+        # scores is a view over one file per (eval run, model): rewrite that slice with this task's rows replaced.
+        write_slice(self.conn, "scores", eval_run_id, model,
+                    """SELECT * FROM scores WHERE eval_run_id = ? AND model = ? AND task <> ?
+                       UNION ALL BY NAME SELECT * FROM incoming""", [eval_run_id, model, task.name])
         self.conn.unregister("incoming")
         metrics = compute_metrics(self.conn)
         self.conn.execute("DELETE FROM model_task_metrics")

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from scipy import stats as scipy_stats
 
-from model_eval import warehouse
+from model_eval import warehouse, warehouse_slices
 from model_eval.drift import DriftSettings, compute_drift, record_drift, sign_test, wilcoxon_signed_rank
 from model_eval.stats import holm_adjust
 
@@ -87,8 +87,10 @@ def _load(conn, cases: list[dict], runs: list[tuple[list[dict], list[dict], dict
     for results, scores, run in runs:
         for table, rows in (("inference_results", results), ("scores", scores), ("eval_runs", [run])):
             conn.register("r", pl.DataFrame(rows).to_arrow())
-            verb = "INSERT OR IGNORE" if table == "eval_runs" else "INSERT"  # runs repeat when two models share one
-            conn.execute(f"{verb} INTO {table} BY NAME SELECT * FROM r")
+            if table == "eval_runs":   # runs repeat when two models share one
+                conn.execute("INSERT OR IGNORE INTO eval_runs BY NAME SELECT * FROM r")
+            else:                      # result tables are Parquet slices behind views
+                warehouse_slices.append_rows(conn, table, "r")
             conn.unregister("r")
 
 

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from model_eval.prices import cost_per_token, price_map
+from model_eval.inference import CostCalculator
+from model_eval.model_map import model_map
+from model_eval.registry import ModelSpec
 from model_eval.settings import PROJECT_ROOT
 from model_eval_tests.conftest import copy_golden
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, ok
@@ -62,16 +64,17 @@ def test_an_unchanged_rerun_imports_neither_great_expectations_nor_litellm(stub_
     assert "dagster" in second                                   # the runs still go through the instance
 
 
-def test_prices_read_from_the_map_match_litellm_for_openai_and_anthropic_chat_models():
+def test_costs_from_the_map_match_litellm_for_openai_and_anthropic_chat_models():
     litellm = pytest.importorskip("litellm")
     checked = 0
-    for key, entry in price_map().items():
+    for key, entry in model_map().items():
         provider = entry.get("litellm_provider")
         if entry.get("mode") != "chat" or provider not in ("openai", "anthropic") or "input_cost_per_token" not in entry:
             continue
         model = key if key.startswith(f"{provider}/") else f"{provider}/{key}"
         prompt, completion = litellm.cost_per_token(model=model, prompt_tokens=1234, completion_tokens=56)
-        assert cost_per_token(model, 1234, 56) == pytest.approx(prompt + completion, rel=1e-9, abs=1e-15), model
+        cost = CostCalculator(ModelSpec(name="m", litellm_model=model, provider=provider, family="f"))(1234, 56)
+        assert cost == pytest.approx(prompt + completion, rel=1e-9, abs=1e-15), model
         checked += 1
     assert checked > 50
-    assert cost_per_token("openai/no-such-model", 10, 10) is None
+    assert CostCalculator(ModelSpec(name="m", litellm_model="openai/no-such-model", provider="openai", family="f"))(10, 10) is None

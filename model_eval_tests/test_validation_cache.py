@@ -38,6 +38,10 @@ def _ingest_in_subprocess(paths) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _files(paths) -> int:
+    return sum(len(t.versions) for t in Project.load(paths).tasks)
+
+
 def _validated_keys(paths) -> dict[str, str]:
     with warehouse.read_connection(paths.warehouse_file) as conn:
         return dict(conn.sql("SELECT task, validation_key FROM golden_versions WHERE is_current").fetchall())
@@ -48,7 +52,7 @@ def test_an_unchanged_golden_set_neither_imports_nor_runs_great_expectations(pat
     assert first["expectations_run"] > 0 and first["reused"] == 0 and first["gx_imported"]
     published = paths.warehouse_file.stat().st_mtime_ns
     second = _ingest_in_subprocess(paths)
-    assert second == {"expectations_run": 0, "reused": 3, "gx_imported": False}
+    assert second == {"expectations_run": 0, "reused": _files(paths), "gx_imported": False}
     assert paths.warehouse_file.stat().st_mtime_ns == published   # nothing changed: nothing published
 
 
@@ -69,7 +73,7 @@ def test_a_change_validates_that_file_again_and_only_that_one(paths, log, change
     before = _validated_keys(paths)
     change(paths.golden_dir)
     result = ingest_golden(Project.load(paths), "second", log)
-    assert result.validations_reused == 2
+    assert result.validations_reused == _files(paths) - 1
     spec = load_task(paths.golden_dir / task)
     assert result.expectations_run == validate_cases(read_cases(spec), spec.output_kind, "f").expectations_run > 0
     after = _validated_keys(paths)
