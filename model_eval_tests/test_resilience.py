@@ -200,5 +200,5 @@ def test_a_reader_querying_in_a_loop_during_writes_sees_no_error_and_no_half_par
         out, _ = reader.communicate(timeout=60)
     report = json.loads(out)
     assert report["errors"] == []
-    full = (14 + 14 + 16) * 3
+    full = (14 + 14 + 16 + 20) * 3   # grading, extraction, classification, employer x 3 repeats
     assert report["seen"] and all(count == full for _, count in report["seen"])   # a slice is all there or absent
