@@ -196,13 +196,23 @@ class Runner:
     reset: Callable[[], None] | None = None   # called before each run (e.g. a fresh log folder)
     ok_codes: frozenset[int] = frozenset({0})
     timings: list[Timing] = field(default_factory=list)
+    failed: str | None = None       # why it stopped being measured (a crash of its own, twice in a row)
 
-    def run(self, log: Path) -> Timing:
-        if self.reset:
-            self.reset()
-        timing = timed(self.command, self.env, self.cwd, log, self.ok_codes)
-        self.timings.append(timing)
-        return timing
+    def run(self, log: Path) -> Timing | None:
+        """One run, retried once if the program fails; after a second failure the runner is dropped."""
+        for attempt in (1, 2):
+            if self.reset:
+                self.reset()
+            try:
+                timing = timed(self.command, self.env, self.cwd, log, self.ok_codes)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                if attempt == 2:
+                    self.failed = str(exc).splitlines()[0][:160]
+                    return None
+                continue
+            self.timings.append(timing)
+            return timing
+        return None
 
     def median_wall(self) -> float:
         return statistics.median(t.wall_s for t in self.timings)
@@ -225,7 +235,9 @@ def build_runners(root: Path, n: int, concurrency: int, api_base: str, peers: di
     ]
     if peers.get("promptfoo"):
         config = write_promptfoo_config(root / "promptfoo", cases, api_base)
-        pf_env = {**base_env(), "PROMPTFOO_CONFIG_DIR": str(root / "promptfoo" / "home"), "OPENAI_API_KEY": "sk-no-key"}
+        # No debug/error log files: promptfoo 0.121's file logger crashed at exit ("write after end") in a 2,000-case run.
+        pf_env = {**base_env(), "PROMPTFOO_CONFIG_DIR": str(root / "promptfoo" / "home"), "OPENAI_API_KEY": "sk-no-key",
+                  "PROMPTFOO_DISABLE_DEBUG_LOG": "true", "PROMPTFOO_DISABLE_ERROR_LOG": "true"}
         runners.append(Runner("promptfoo", [*peers["promptfoo"], "eval", "-c", str(config), "--no-cache", "--no-write",
                                             "--no-table", "--no-progress-bar", "-j", str(concurrency)],
                               # 100: "some assertions failed", which they do: the stub says PASS to every case.
@@ -258,18 +270,21 @@ class PeerFigures:
     cold: Timing | None = None
     calls_sent: dict[tuple[int, int, str], int] = field(default_factory=dict)
 
-    def runner(self, size: tuple[int, int], name: str) -> Runner | None:
-        return next((r for r in self.results[size] if r.name == name), None)
-
     def figures(self) -> list[Figure]:
         out = [Figure(f"5 peers: {name}", f"skipped: {reason}") for name, reason in self.skipped.items()]
         for (n, c), runners in self.results.items():
+            for r in [r for r in runners if r.failed]:
+                out.append(Figure(f"5 peers {n:,} cases c={c}: {r.name}", f"failed: {r.failed}"))
+            runners = [r for r in runners if not r.failed]
             for r in runners:
                 walls = ", ".join(f"{t.wall_s:.2f}" for t in r.timings)
                 out.append(Figure(f"5 peers {n:,} cases c={c}: {r.name}",
                                   f"{r.median_wall():.2f} s wall ({walls}), {n / r.median_wall():,.0f} cases/s, "
                                   f"CPU {r.median_cpu():.1f} s"))
-            fresh, rerun, pf = (self.runner((n, c), x) for x in ("model-eval fresh", "model-eval re-run", "promptfoo"))
+            fresh, rerun, pf = (next((r for r in runners if r.name == x), None)
+                                for x in ("model-eval fresh", "model-eval re-run", "promptfoo"))
+            if fresh is None or rerun is None:
+                continue
             if pf is not None:
                 ratio = fresh.median_wall() / pf.median_wall()
                 if n <= 20:
@@ -310,13 +325,14 @@ def measure(sizes: list[int], concurrencies: list[int], rounds: int, delay_ms: f
                     runner.run(root / f"{runner.name.replace(' ', '-')}-warm.log")
                     runner.timings.clear()
                 for r in range(rounds):
-                    for runner in runners:
+                    for runner in [x for x in runners if not x.failed]:
                         before = endpoint.sent()
-                        runner.run(root / f"{runner.name.replace(' ', '-')}-{r}.log")
+                        if runner.run(root / f"{runner.name.replace(' ', '-')}-{r}.log") is None:
+                            continue
                         sent = endpoint.sent() - before
                         if runner.name == "model-eval re-run":
                             result.calls_sent[(n, c, "re-run")] = max(sent, result.calls_sent.get((n, c, "re-run"), 0))
                         elif sent != n:
-                            raise RuntimeError(f"{runner.name} sent {sent} calls for {n} cases: not comparable")
+                            runner.failed = f"sent {sent} calls for {n} cases: not comparable"
                 result.results[(n, c)] = runners
     return result

@@ -191,11 +191,6 @@ def _is_base_table(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
                              [table]).fetchall()[0][0])
 
 
-def _has_view(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(conn.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ? AND schema_name = 'main'",
-                             [table]).fetchall()[0][0])
-
-
 def prepare(conn: duckdb.DuckDBPyConnection) -> None:
     """The manifest and the views (idempotent). A warehouse from before slices has its tables moved into
     slice files here, once, in one transaction: a failure leaves it as it was."""
@@ -209,8 +204,8 @@ def prepare(conn: duckdb.DuckDBPyConnection) -> None:
     for table in SLICED_TABLES:
         if _is_base_table(conn, table):
             _migrate(conn, table, root)
-        elif not _has_view(conn, table):
-            refresh_view(conn, table, root)
+        else:
+            refresh_view(conn, table, root)   # also re-points the view after the warehouse folder moved
 
 
 def _migrate(conn: duckdb.DuckDBPyConnection, table: str, root: Path) -> None:

@@ -164,3 +164,13 @@ def test_a_slice_must_be_named_by_eval_run_and_model(db):
     with pytest.raises(ValueError, match="one \\(eval_run_id, model\\) slice at a time"):
         with warehouse.write_connection(db) as conn:
             warehouse.replace_slice(conn, "scores", _scores("r1", "m", 1, 0), {"eval_run_id": "r1"})
+
+
+def test_a_moved_warehouse_folder_is_readable_again_after_its_next_write(db, tmp_path):
+    _write(db, _scores("r1", "m", 40, generation=1))
+    moved = tmp_path / "elsewhere"
+    db.parent.rename(moved)
+    db = moved / db.name
+    with warehouse.write_connection(db):
+        pass
+    assert _generations(db) == {"generation 1": 40}
