@@ -61,7 +61,7 @@ def write_run(paths: ProjectPaths, eval_run_id: str) -> float:
     ensure_assignments(Project.load(paths), QUIET)
     stats = run_inference(Project.load(paths), MODEL, eval_run_id, QUIET, trigger="bench")
     score_model(Project.load(paths), MODEL, eval_run_id, QUIET)
-    refresh_metrics(Project.load(paths), QUIET)
+    refresh_metrics(Project.load(paths), QUIET, completing=eval_run_id)   # as the recommend run of a finished evaluation
     recommend_tasks(Project.load(paths), eval_run_id, QUIET)
     promote(Project.load(paths), eval_run_id, QUIET)
     seconds = time.perf_counter() - started
