@@ -315,7 +315,7 @@ def measure(sizes: list[int], concurrencies: list[int], rounds: int, delay_ms: f
         (versions if command else skipped)[name] = reason
     peers = {"promptfoo": promptfoo, "inspect": inspect}
     result = PeerFigures(versions=versions, skipped=skipped)
-    with Endpoint(delay_ms=delay_ms) as endpoint:
+    with Endpoint(delay_ms=delay_ms, limit_s=4 * 3600) as endpoint:   # 2,000-case rounds of 4 runners take a while
         result.cold = cold_model_eval(workdir / "peers-cold", endpoint.api_base, 20, concurrencies[0])
         for n in sizes:
             for c in concurrencies:
