@@ -72,7 +72,7 @@ def _evaluate(paths, log, eval_run_id):
     for model in ("local-small", "remote"):
         run_inference(Project.load(paths), model, eval_run_id, log, retry=FAST_RETRY)
         score_model(Project.load(paths), model, eval_run_id, log)
-    refresh_metrics(Project.load(paths), log)
+    refresh_metrics(Project.load(paths), log, completing=eval_run_id)  # every model of the eval run is scored
 
 
 def test_tokens_per_second_per_call_and_per_model_and_task(scripted, log):
