@@ -47,7 +47,7 @@ def _context():
     return context
 
 
-def _expectations(output_kind: str, n_rows: int):
+def _expectations(output_kind: str, n_rows: int, expected_required: bool = True):
     import great_expectations as gx
 
     rules = [
@@ -55,10 +55,12 @@ def _expectations(output_kind: str, n_rows: int):
         gx.expectations.ExpectColumnValuesToBeUnique(column="case_id"),
         gx.expectations.ExpectColumnValuesToNotBeNull(column="case_id"),
         gx.expectations.ExpectColumnValuesToNotBeNull(column="inputs_json"),
-        gx.expectations.ExpectColumnValuesToNotBeNull(column="expected_json"),
         # Filled per case by the scorer's own check of the expected value; null means valid.
         gx.expectations.ExpectColumnValuesToBeNull(column="expected_error"),
     ]
+    if not expected_required:
+        return rules   # a judge task: a case may come without an expected answer (the judge grades it)
+    rules.append(gx.expectations.ExpectColumnValuesToNotBeNull(column="expected_json"))
     if output_kind == "verdict":
         rules += [
             gx.expectations.ExpectColumnValuesToBeInSet(column="expected_verdict", value_set=VERDICTS),
@@ -67,8 +69,9 @@ def _expectations(output_kind: str, n_rows: int):
     return rules
 
 
-def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str) -> ValidationOutcome:
-    """Run the expectations on one cases file's rows (as produced by golden.read_cases)."""
+def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, expected_required: bool = True) -> ValidationOutcome:
+    """Run the expectations on one cases file's rows (as produced by golden.read_cases, or a judge task's
+    calibration file by golden.read_calibration_cases, checked as a verdict task)."""
     import great_expectations as gx
 
     frame = cases.select("line", "case_id", "inputs_json", "expected_json", "expected_error", "expected_verdict").to_pandas()
@@ -80,7 +83,7 @@ def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str) -> V
         .add_batch_definition_whole_dataframe("whole_file")
         .get_batch(batch_parameters={"dataframe": frame})
     )
-    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=_expectations(output_kind, len(frame))))
+    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=_expectations(output_kind, len(frame), expected_required)))
     result = batch.validate(suite, result_format="COMPLETE")
 
     problems = []

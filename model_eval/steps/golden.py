@@ -10,7 +10,7 @@ import polars as pl
 from model_eval import warehouse
 from model_eval.crash_points import crash_point
 from model_eval.errors import GoldenSetError
-from model_eval.golden import TaskSpec, read_cases
+from model_eval.golden import TaskSpec, read_calibration_cases, read_cases
 from model_eval.golden_validation import validate_cases
 from model_eval.project import Project
 from model_eval.steps._common import Log, utc_now
@@ -31,7 +31,7 @@ def ingest_golden(project: Project, eval_run_id: str, log: Log) -> GoldenIngesti
         for version in task.versions:
             path = task.cases_file(version)
             cases = read_cases(task, version)
-            outcome = validate_cases(cases, task.output_kind, str(path))
+            outcome = validate_cases(cases, task.output_kind, str(path), expected_required=not task.is_judged)
             expectations += outcome.expectations_run
             if not outcome.passed:
                 raise GoldenSetError(path, "failed validation:\n  " + "\n  ".join(outcome.problems))
@@ -45,6 +45,14 @@ def ingest_golden(project: Project, eval_run_id: str, log: Log) -> GoldenIngesti
                 pl.lit(file_hash).alias("file_hash"), pl.lit(eval_run_id).alias("eval_run_id"),
                 pl.lit(utc_now()).alias("ingested_at")))
             log.info(f"golden {task.name} {version}: {cases.height} cases valid ({outcome.expectations_run} expectations)")
+    for task in project.tasks:
+        if task.is_judged:
+            # A judge task's human-labelled answers: the same rules as a verdict task's cases (at least 10,
+            # unique ids, PASS and FAIL both present), so a judge is never calibrated on a lopsided set.
+            outcome = validate_cases(read_calibration_cases(task), "verdict", str(task.calibration_file()))
+            expectations += outcome.expectations_run
+            if not outcome.passed:
+                raise GoldenSetError(task.calibration_file(), "failed validation:\n  " + "\n  ".join(outcome.problems))
     versions = pl.DataFrame(version_rows)
     all_cases = pl.concat(case_frames)
     with warehouse.write_connection(project.paths.warehouse_file) as conn, warehouse.transaction(conn):
