@@ -101,7 +101,9 @@ def test_the_step_records_consensus_and_each_models_agreement(paths, log, tmp_pa
         sync_registry(Project.load(paths), "run-1", log)
         for model in ("m-a", "m-b", "m-c"):
             run_inference(Project.load(paths), model, "run-1", log)
-    result = compute_consensus(Project.load(paths), "rec-1", log)
+    # Like metrics, consensus reads only finished evaluations: run-1 is still running until it is completed.
+    assert compute_consensus(Project.load(paths), "rec-1", log).answers.height == 0
+    result = compute_consensus(Project.load(paths), "rec-1", log, completing="run-1")
 
     with warehouse.read_connection(paths.warehouse_file) as conn:
         cases = conn.sql("SELECT case_id, consensus_answer, agreement, tie_broken_by, consensus_text FROM consensus_answers "

@@ -104,7 +104,7 @@ def evaluate(paths, log, models=("cand-good", "cand-bad"), run="run-1"):
     for model in models:
         run_inference(Project.load(paths), model, run, log, retry=FAST_RETRY)
     scored = {model: score_model(Project.load(paths), model, run, log, retry=FAST_RETRY) for model in models}
-    compute_win_rates(Project.load(paths), run, log, retry=FAST_RETRY)    # once every model has answered
+    compute_win_rates(Project.load(paths), run, log, completing=run, retry=FAST_RETRY)    # once every model has answered
     return scored
 
 
@@ -140,7 +140,7 @@ def test_a_calibrated_judge_scores_the_task_and_its_calls_are_recorded_and_cache
     assert (win["model"], win["reference_model"], win["cases"], win["wins"], win["losses"]) == ("cand-good", "cand-bad", 10, 20, 0)
     assert win["win_rate"] == 1.0 and win["position_consistency"] == 1.0 and win["win_rate_low"] < 1.0
 
-    refresh_metrics(Project.load(paths), log)
+    refresh_metrics(Project.load(paths), log, completing="run-1")
     recommendation = recommend_tasks(Project.load(paths), "run-1", log).filter(its_policy(TASK)).row(0, named=True)
     assert recommendation["champion"] == "cand-good"
     assert "Scored by an LLM judge: judge smollm2-135m passed calibration: kappa 1.00" in recommendation["reasoning"]
@@ -171,7 +171,7 @@ def test_a_judge_below_the_kappa_bar_cannot_score_and_the_run_says_why(judged, l
     assert query(paths, f"SELECT count(*) AS n FROM scores WHERE task = '{TASK}'")["n"][0] == 0
     assert query(paths, "SELECT count(*) AS n FROM judge_results WHERE purpose <> 'calibration'")["n"][0] == 0
 
-    refresh_metrics(Project.load(paths), log)
+    refresh_metrics(Project.load(paths), log, completing="run-1")
     recommendation = recommend_tasks(Project.load(paths), "run-1", log).filter(its_policy(TASK)).row(0, named=True)
     assert recommendation["champion"] is None
     assert recommendation["reasoning"].startswith("No model was scored: judge smollm2-135m failed calibration")

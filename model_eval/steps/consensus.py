@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from model_eval import warehouse
+from model_eval import eval_runs, warehouse
 from model_eval.consensus import agrees_with, case_consensus, model_answer, normalise
 from model_eval.project import Project
 from model_eval.steps._common import Log, utc_now
@@ -18,6 +18,9 @@ NEWEST_ANSWERS = """
 WITH newest AS (
     SELECT model, eval_run_id FROM inference_results
     WHERE task = $task AND dataset_version = $version AND list_contains($models::VARCHAR[], model)
+      -- as for metrics: no evaluation still running or left incomplete, except the one being completed now
+      AND eval_run_id NOT IN (SELECT eval_run_id FROM eval_runs
+                              WHERE list_contains($unfinished::VARCHAR[], status) AND eval_run_id IS DISTINCT FROM $completing)
     GROUP BY model, eval_run_id
     QUALIFY row_number() OVER (PARTITION BY model ORDER BY max(completed_at) DESC) = 1)
 SELECT r.model, r.eval_run_id, r.case_id, r.repeat, r.response_text, r.error_class
@@ -35,15 +38,16 @@ class ConsensusResult:
     agreement: pl.DataFrame      # rows of `consensus_agreement`
 
 
-def compute_consensus(project: Project, eval_run_id: str, log: Log) -> ConsensusResult:
-    """Compute and record (replacing this eval run's rows) the consensus of every task that asks for one."""
+def compute_consensus(project: Project, eval_run_id: str, log: Log, completing: str | None = None) -> ConsensusResult:
+    """Compute and record (replacing this eval run's rows) the consensus of every task that asks for one, from
+    complete evaluations only (and `completing`, whose partitions have all finished), as metrics are."""
     models = [m.name for m in project.registry.models if m.enabled]
     answer_rows, agreement_rows = [], []
     with warehouse.read_connection(project.paths.warehouse_file) as conn:
         for task in project.tasks:
             if task.consensus is None:
                 continue
-            frame = newest_answers(conn, task.name, task.dataset_version, models)
+            frame = newest_answers(conn, task.name, task.dataset_version, models, completing)
             answers, replies, runs = _answers_by_case(frame, task.output_kind, task.consensus)
             if len({m for per_case in answers.values() for m in per_case}) < 2:
                 log.info(f"task {task.name}: consensus needs answers from at least 2 models; found {len(runs)}")
@@ -62,9 +66,11 @@ def compute_consensus(project: Project, eval_run_id: str, log: Log) -> Consensus
     return ConsensusResult(answers_frame, agreement_frame)
 
 
-def newest_answers(conn, task: str, version: str, models: list[str]) -> pl.DataFrame:
-    """Each of `models`' answers (every case and repeat) from its newest eval run on this task version."""
-    return conn.sql(NEWEST_ANSWERS, params={"task": task, "version": version, "models": models}).pl()
+def newest_answers(conn, task: str, version: str, models: list[str], completing: str | None = None) -> pl.DataFrame:
+    """Each of `models`' answers (every case and repeat) from its newest complete eval run on this task version."""
+    # Not eval_runs.admitted: that lists runs with scores, and a judge task whose judge failed calibration has none.
+    return conn.sql(NEWEST_ANSWERS, params={"task": task, "version": version, "models": models, "completing": completing,
+                                            "unfinished": [eval_runs.RUNNING, eval_runs.INCOMPLETE]}).pl()
 
 
 def _answers_by_case(frame: pl.DataFrame, output_kind: str, spec):

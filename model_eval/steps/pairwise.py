@@ -43,8 +43,9 @@ class PairwiseOutcome:
     notes: dict[str, str]        # task -> what happened, for logs and metadata
 
 
-def compute_win_rates(project: Project, eval_run_id: str, log: Log, *, retry: RetryPolicy = RetryPolicy(),
-                      completion: CompletionFn | None = None) -> PairwiseOutcome:
+def compute_win_rates(project: Project, eval_run_id: str, log: Log, completing: str | None = None, *,
+                      retry: RetryPolicy = RetryPolicy(), completion: CompletionFn | None = None) -> PairwiseOutcome:
+    """Win rates from each model's newest complete evaluation (and `completing`, whose partitions have all finished)."""
     models = [m.name for m in project.registry.models if m.enabled]
     rows, judge_frames, notes, sent = [], [], {}, 0
     with ResponseCache(project.paths.cache_file) as cache:
@@ -56,7 +57,7 @@ def compute_win_rates(project: Project, eval_run_id: str, log: Log, *, retry: Re
             with warehouse.read_connection(project.paths.warehouse_file) as conn:
                 calibration = None if spec is None else conn.sql(CALIBRATION_OF, params={
                     "task": task.name, "judge": spec.config_hash, "rubric": settings.rubric_hash}).fetchall()
-                answers = newest_answers(conn, task.name, task.dataset_version, models)
+                answers = newest_answers(conn, task.name, task.dataset_version, models, completing)
                 inputs = {c: json.loads(i) for c, i in conn.sql(CURRENT_INPUTS, params={"task": task.name}).fetchall()}
             reference = settings.reference_model
             if unusable:

@@ -16,7 +16,9 @@ from model_eval.warehouse import read_connection
 @dg.asset(group_name="recommendation", deps=["scores"], kinds={"duckdb"},
           description="For tasks with a consensus section: each case's consensus answer across models and each model's agreement with it.")
 def consensus(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    result = compute_consensus(model_eval.project(), eval_run_id(context), context.log)
+    # Like the metrics: complete evaluations, and this one when its partitions have all finished.
+    result = compute_consensus(model_eval.project(), eval_run_id(context), context.log,
+                               completing=eval_run_id(context) if is_orchestrated(context) else None)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": result.answers.height,
         "agreement": dg.MetadataValue.json({f"{r['task']}/{r['model']}": {"agreement_rate": r["agreement_rate"], "cases": r["cases"],
@@ -29,7 +31,8 @@ def consensus(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) 
           description="Judge tasks with a pairwise reference model: each model's win rate against it (both orders "
                       "judged), reported beside accuracy.")
 def pairwise_win_rates(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
-    outcome = compute_win_rates(model_eval.project(), eval_run_id(context), context.log)
+    outcome = compute_win_rates(model_eval.project(), eval_run_id(context), context.log,
+                                completing=eval_run_id(context) if is_orchestrated(context) else None)
     return dg.MaterializeResult(metadata={"dagster/row_count": outcome.win_rates.height, "judge_calls_sent": outcome.calls_sent,
                                           "tasks": dg.MetadataValue.json(outcome.notes)})
 
