@@ -363,7 +363,9 @@ def test_golden_sets_through_the_request_generator(server, cache):
     tasks = load_tasks(GOLDEN_DIR)
     cases = pl.concat([read_cases(t) for t in tasks])
     server.script = random_mix(seed=11, fractions={rate_limited(0.01): 0.1, server_error(500): 0.1})
-    spec = make_spec(server, max_concurrency=16, max_attempts=5)
+    # A generous deadline: on a loaded machine a 1 s one can expire before a request reaches the
+    # server, and this test counts requests, not deadlines (those have tests of their own).
+    spec = make_spec(server, max_concurrency=16, max_attempts=5, timeout_s=15.0)
     requests = list(iter_requests(spec, tasks, cases.sort("task", "case_id").iter_rows(named=True)))
     assert len(requests) == sum(t.repeats * cases.filter(pl.col("task") == t.name).height for t in tasks)
 
