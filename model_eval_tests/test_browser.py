@@ -117,6 +117,10 @@ def _click_plots_tab(driver) -> bool:
     try:
         driver.find_element("xpath", "//button[normalize-space()='Plots']").click()
     except WebDriverException:
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()  # a dialog without a Skip button closes on Escape
         return False
     return True
 
