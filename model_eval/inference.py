@@ -1,4 +1,7 @@
-"""The inference engine: every (case x repeat) for one model, through litellm, asynchronously.
+"""The inference engine: every (case x repeat) for one model, asynchronously.
+
+Calls go over the lean HTTP client (`http_client`, OpenAI-compatible endpoints) or through litellm
+(every other provider), as `ModelSpec.transport` says; everything below the call is shared.
 
 Bounded concurrency per model, a per-call timeout, retries with exponential backoff and jitter on
 rate limits, server errors and timeouts (honouring Retry-After, with a hard cap on attempts), and a
@@ -20,6 +23,8 @@ import polars as pl
 
 from model_eval.crash_points import crash_point
 from model_eval.golden import TaskSpec
+from model_eval.http_client import Answer, OpenAICompatibleClient
+from model_eval.model_map import price_per_million
 from model_eval.prompts import ModelInput, build_input
 from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache, cache_key
@@ -221,18 +226,14 @@ class CostCalculator:
             return None
         if self.spec.price_input_per_million is not None and self.spec.price_output_per_million is not None:
             return (input_tokens * self.spec.price_input_per_million + output_tokens * self.spec.price_output_per_million) / 1e6
-        try:
-            import litellm
-
-            prompt_cost, completion_cost = litellm.cost_per_token(model=self.spec.litellm_model, prompt_tokens=input_tokens,
-                                                                  completion_tokens=output_tokens)
-            return float(prompt_cost) + float(completion_cost)
-        except Exception:  # noqa: BLE001 - litellm raises various errors for models it does not price
-            if not self.warned:
-                log.warning("model %s: no price in the registry and litellm has none for %s; cost recorded as NULL",
-                            self.spec.name, self.spec.litellm_model)
-                self.warned = True
-            return None
+        # litellm's price map, read as a file: the HTTP path never imports litellm.
+        prices = price_per_million(self.spec.litellm_model)
+        cost = None if prices is None else (input_tokens * prices[0] + output_tokens * prices[1]) / 1e6
+        if cost is None and not self.warned:
+            log.warning("model %s: no price in the registry and litellm has none for %s; cost recorded as NULL",
+                        self.spec.name, self.spec.litellm_model)
+            self.warned = True
+        return cost
 
 
 async def _default_completion(**kwargs):
@@ -272,14 +273,47 @@ def _text_and_finish(response: Any) -> tuple[str | None, str | None]:
     return text, getattr(choice, "finish_reason", None)
 
 
+class LitellmClient:
+    """The litellm path, shaped like `OpenAICompatibleClient`: (model input, params) -> Answer."""
+
+    def __init__(self, spec: ModelSpec, completion: CompletionFn, text_completion: CompletionFn):
+        self.spec = spec
+        self.completion = completion
+        self.text_completion = text_completion
+        self.key = spec.api_key()
+
+    async def __aenter__(self) -> "LitellmClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        return None
+
+    async def __call__(self, model_input: ModelInput, params: dict[str, Any]) -> Answer:
+        send = self.completion if model_input.mode == "chat" else self.text_completion
+        response = await send(model=self.spec.litellm_model, **model_input.litellm_arguments(), api_base=self.spec.api_base,
+                              api_key=self.key or ("sk-no-key" if self.spec.api_base else None),
+                              timeout=self.spec.timeout_s, num_retries=0, max_retries=0, **params)
+        text, finish_reason = _text_and_finish(response)
+        input_tokens, output_tokens = _usage(response)
+        return Answer(text, finish_reason, input_tokens, output_tokens)
+
+
+def client_for(spec: ModelSpec, completion: CompletionFn | None = None,
+               text_completion: CompletionFn | None = None) -> OpenAICompatibleClient | LitellmClient:
+    """The path `spec.transport` names; given litellm-shaped functions (tests, benchmarks), those."""
+    if completion is None and text_completion is None and spec.transport == "http":
+        return OpenAICompatibleClient(spec)
+    return LitellmClient(spec, completion or _default_completion, text_completion or _default_text_completion)
+
+
 async def run_model(
     spec: ModelSpec,
     requests: Iterable[CallRequest],
     cache: ResponseCache,
     *,
     retry: RetryPolicy = RetryPolicy(),
-    completion: CompletionFn = _default_completion,
-    text_completion: CompletionFn = _default_text_completion,
+    completion: CompletionFn | None = None,
+    text_completion: CompletionFn | None = None,
     on_progress: ProgressFn | None = None,
     progress_every: int = 10,
     cache_max_age_s: float | None = None,
@@ -294,15 +328,17 @@ async def run_model(
     are handed over in batches of `batch_rows` (then None is returned instead of a frame).
     Cached answers are reused; `cache_max_age_s` makes older ones be asked again (a scheduled
     re-evaluation must see today's model, or a provider's silent change would never show).
-    Chat requests go through `completion`, completion-mode requests (those with a prompt) through
-    `text_completion`.
+    Calls go over the path `spec.transport` names (one HTTP session for the whole run), unless
+    litellm-shaped `completion` / `text_completion` functions are given: then chat requests go
+    through `completion`, completion-mode requests (those with a prompt) through `text_completion`.
     """
     if total is None and isinstance(requests, list):
         total = len(requests)
     stats = RunStats(total=total or 0)
     started = time.perf_counter()
     cost_of = CostCalculator(spec)
-    secrets = [k for k in [spec.api_key()] if k]
+    client = client_for(spec, completion, text_completion)
+    secrets = [k for k in [client.key] if k]
     rows: list[dict[str, Any]] = []
     limit = AdaptiveLimit(spec.max_concurrency)
 
@@ -367,16 +403,11 @@ async def run_model(
             stats.sent += 1
             t0 = time.perf_counter()
             try:
-                # httpx applies the provider timeout per read; this makes it a deadline for the
+                # Both clients apply the provider timeout per read; this makes it a deadline for the
                 # whole call, so a server trickling its answer cannot hold a slot indefinitely.
                 # The small grace lets the provider's own timeout (a clearer error) fire first.
-                send = completion if req.prompt is None else text_completion
                 async with asyncio.timeout(spec.timeout_s * 1.1 + 0.5):
-                    response = await send(
-                        model=spec.litellm_model, **req.model_input.litellm_arguments(), api_base=spec.api_base,
-                        api_key=spec.api_key() or ("sk-no-key" if spec.api_base else None),
-                        timeout=spec.timeout_s, num_retries=0, max_retries=0, **req.params,
-                    )
+                    answer = await client(req.model_input, req.params)
             except Exception as exc:  # noqa: BLE001 - every failure is recorded, none crashes the run
                 latency_ms = (time.perf_counter() - t0) * 1000
                 await limit.release()
@@ -396,12 +427,10 @@ async def run_model(
             latency_ms = (time.perf_counter() - t0) * 1000
             await limit.release()
             limit.succeeded()
-            text, finish_reason = _text_and_finish(response)
-            input_tokens, output_tokens = _usage(response)
-            payload = {"response_text": text, "latency_ms": latency_ms, "input_tokens": input_tokens,
-                       "output_tokens": output_tokens, "finish_reason": finish_reason}
+            payload = {"response_text": answer.text, "latency_ms": latency_ms, "input_tokens": answer.input_tokens,
+                       "output_tokens": answer.output_tokens, "finish_reason": answer.finish_reason}
             remember(req.key, payload)
-            finish({**base_row(req), **payload, "cost_usd": cost_of(input_tokens, output_tokens),
+            finish({**base_row(req), **payload, "cost_usd": cost_of(answer.input_tokens, answer.output_tokens),
                     "error_class": None, "error_message": None, "attempts": attempt, "from_cache": False,
                     "completed_at": time.time()})
             return
@@ -426,7 +455,8 @@ async def run_model(
             await one(*item)
 
     try:
-        await asyncio.gather(feed(), *(work() for _ in range(workers_n)))
+        async with client:
+            await asyncio.gather(feed(), *(work() for _ in range(workers_n)))
     finally:
         flush_cache()
     stats.total = max(stats.total, stats.done)
