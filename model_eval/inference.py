@@ -11,6 +11,7 @@ response cache so unchanged work is never sent twice. Plain asyncio; no Dagster 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -96,20 +97,39 @@ class AdaptiveLimit:
         self.in_flight = 0
         self.epoch = 0
         self._successes = 0
-        self._changed = asyncio.Condition()
+        # Callers waiting for a slot, first come first served: a freed slot is handed to the oldest
+        # waiter, never taken by a newcomer (with a plain condition a newcomer could barge in and an
+        # early request starve, which stalls anything that consumes results in request order).
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self.trace: list[tuple[float, int]] = [(time.monotonic(), maximum)]
 
     async def acquire(self) -> int:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+        if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
             return self.epoch
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.in_flight -= 1          # the slot arrived with the cancellation: pass it on
+                self._hand_over()
+            else:
+                self._waiters.remove(waiter)
+            raise
+        return self.epoch
 
     async def release(self) -> None:
-        async with self._changed:
-            self.in_flight -= 1
-            # Wake only as many waiters as there are free slots (waking all is quadratic in waiters).
-            self._changed.notify(max(1, self.limit - self.in_flight))
+        self.in_flight -= 1
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self.in_flight < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
 
     def rate_limited(self, started_epoch: int) -> None:
         if started_epoch != self.epoch:
@@ -128,6 +148,7 @@ class AdaptiveLimit:
         if limit != self.limit:
             self.limit = limit
             self.trace.append((time.monotonic(), limit))
+            self._hand_over()
 
 
 @dataclass
@@ -140,6 +161,7 @@ class RunStats:
     errors: int = 0
     unknown_cost: int = 0
     rate_limited: int = 0
+    skipped: int = 0          # requests `admit` turned down (adaptive mode): no call, no row
     wall_s: float = 0.0
     error_classes: dict[str, int] = field(default_factory=dict)
     concurrency_trace: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, calls allowed in flight)
@@ -320,6 +342,8 @@ async def run_model(
     sink: Callable[[pl.DataFrame], None] | None = None,
     batch_rows: int = 5000,
     total: int | None = None,
+    admit: Callable[[CallRequest], bool] | None = None,
+    observe: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[pl.DataFrame | None, RunStats]:
     """Answer every request for one model; returns the rows and the run's totals.
 
@@ -331,6 +355,8 @@ async def run_model(
     Calls go over the path `spec.transport` names (one HTTP session for the whole run), unless
     litellm-shaped `completion` / `text_completion` functions are given: then chat requests go
     through `completion`, completion-mode requests (those with a prompt) through `text_completion`.
+    Adaptive mode (`model_eval.adaptive`): `admit(request)` is asked just before a request is
+    answered (from the cache or by a call) and may turn it down; `observe(row)` sees every row.
     """
     if total is None and isinstance(requests, list):
         total = len(requests)
@@ -344,6 +370,8 @@ async def run_model(
 
     def finish(row: dict[str, Any]) -> None:
         rows.append(row)
+        if observe is not None:
+            observe(row)
         if sink is not None and len(rows) >= batch_rows:
             sink(pl.DataFrame(rows, schema=RESULT_SCHEMA))
             rows.clear()
@@ -388,6 +416,9 @@ async def run_model(
         crash_point("inference.cached")
 
     async def one(req: CallRequest, hit: dict[str, Any] | None) -> None:
+        if admit is not None and not admit(req):
+            stats.skipped += 1
+            return
         if hit is not None:
             stats.cached += 1
             finish({**base_row(req), **hit, "cost_usd": cost_of(hit["input_tokens"], hit["output_tokens"]),
