@@ -14,6 +14,8 @@ Sections (see benchmarks/README.md for what each figure means, how it is measure
 3 memory      peak RSS of `steps.evaluation.run_inference` for 10,000 and 100,000 cases, each in a fresh
               process, with the idle interpreter's RSS and the ingestion time beside it.
 4 warehouse   metrics and recommendations over 1,000,000 score rows; scoring per row.
+6 adaptive    calls an adaptive run makes against a full one of the same scripted suite, and whether
+              both name the same champion per task.
 
 The fake endpoint is the test double model_eval_tests/fake_openai_server.py, run in processes of
 its own by benchmarks/fake_endpoint.py so it never competes with the measured client for the GIL.
@@ -35,9 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402  (sets the environment before litellm is imported)
-from benchmarks import faults, memory, throughput, warehouse  # noqa: E402
+from benchmarks import adaptive, faults, memory, throughput, warehouse  # noqa: E402
 
-SECTIONS = ["throughput", "faults", "memory", "warehouse"]
+SECTIONS = ["throughput", "faults", "memory", "warehouse", "adaptive"]
 
 # Full sizes, and the --quick ones (about a tenth; the memory pair keeps its 10x step).
 FULL = dict(calls=2000, concurrency=[32, 64], rounds=6, fault_calls=2000, memory_sizes=[10_000, 100_000],
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         if "warehouse" in sections:
             print(f"4 warehouse: {size['metric_rows']:,} score rows...", flush=True)
             figures += warehouse.measure(size["metric_rows"], size["score_rows"], workdir).figures()
+        if "adaptive" in sections:
+            print("6 adaptive: 8 models x 2 tasks x 500 cases x 3 repeats, full then adaptive...", flush=True)
+            figures += adaptive.measure(workdir).figures()
 
     print()
     print(f"model_eval benchmark{' (--quick)' if args.quick else ''}  "
