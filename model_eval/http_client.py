@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -157,6 +159,19 @@ def parse_answer(body: bytes, mode: str) -> Answer:
 
 
 # ---------------------------------------------------------------- the client
+def proxy_for(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY / NO_PROXY give for `url`, as litellm's httpx client would use.
+
+    Decided once per run: aiohttp's own `trust_env` looks the environment (and ~/.netrc) up again on
+    every request; measured here (6 x 1,000 requests each way, alternated), that took bare aiohttp
+    from 0.13-0.22 to 0.38-0.70 ms of CPU a request."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if parts.scheme not in proxies or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxies[parts.scheme]
+
+
 def endpoint_of(spec: ModelSpec) -> tuple[str, str]:
     """(base URL, model id the endpoint knows): the model string after its provider prefix."""
     base = (spec.api_base or OPENAI_API_BASE).rstrip("/")
@@ -176,6 +191,7 @@ class OpenAICompatibleClient:
         self.spec = spec
         self.base, self.model_id = endpoint_of(spec)
         self.key = spec.api_key()
+        self.proxy = proxy_for(self.base)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "OpenAICompatibleClient":
@@ -199,7 +215,8 @@ class OpenAICompatibleClient:
             raise RuntimeError("use the client inside `async with`")
         payload = json.dumps(model_input.openai_body(self.model_id, params), ensure_ascii=False)
         try:
-            async with self._session.post(self.base + model_input.endpoint_path, data=payload.encode()) as response:
+            async with self._session.post(self.base + model_input.endpoint_path, data=payload.encode(),
+                                          proxy=self.proxy) as response:
                 body = await response.read()
                 status = response.status
                 headers = response.headers

@@ -657,3 +657,15 @@ def test_cost_from_the_price_map_agrees_with_litellm(model):
     assert (got is None) == (expected is None), (got, expected)
     if expected is not None:
         assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_http_path_honours_the_proxy_environment_like_litellm(monkeypatch):
+    from model_eval.http_client import proxy_for
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert proxy_for("https://api.openai.com/v1") == "http://proxy.internal:3128"
+    assert proxy_for("http://127.0.0.1:8000/v1") is None          # no http proxy set, and bypassed anyway
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    assert proxy_for("http://127.0.0.1:8000/v1") is None          # NO_PROXY
+    assert proxy_for("http://gateway.internal/v1") == "http://proxy.internal:3128"
