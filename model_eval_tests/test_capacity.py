@@ -30,10 +30,14 @@ from model_eval.steps.golden import ingest_golden
 from model_eval.steps.models import sync_registry
 from model_eval.steps.recommendation import refresh_metrics
 from model_eval_tests.conftest import copy_golden
-from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, ok, random_mix, route, server_error
+from model_eval_tests.fake_openai_server import FakeOpenAIServer, Reply, always, ok, random_mix, route, server_error
 
 FAST_RETRY = RetryPolicy(backoff_base_s=0.01, backoff_cap_s=0.05, retry_after_cap_s=0.1)
 SMOLLM2 = "smollm2-135m-instruct"
+# An answer after 80 ms, as a small local model takes at least: memory is sampled every 50 ms inside the
+# calls' time windows, and an instant stub (over the lean HTTP path, a call of about a millisecond) leaves
+# no sample inside any window.
+ANSWER = Reply(kind="hang", hang_s=0.08, text="PASS", completion_tokens=6)
 GEMMA = "gemma3-270m"
 
 
@@ -54,7 +58,7 @@ def scripted(tmp_path, paths):
     copy_golden(tmp_path / "golden-small", cases_per_task=10, tasks=["grading", "classification"])
     paths = paths.__class__(golden_dir=tmp_path / "golden-small", registry_file=paths.registry_file,
                             warehouse_file=paths.warehouse_file, cache_file=paths.cache_file)
-    answer = ok("PASS", completion_tokens=6)
+    answer = ANSWER
     script = route([("One word, PASS or FAIL", random_mix(7, {server_error(500): 0.15}, otherwise=answer))], always(answer))
     with FakeOpenAIServer(script) as server:
         common = {"api_base": server.api_base, "price_per_million": {"input": 0.0, "output": 0.0}, "max_attempts": 1,
