@@ -17,11 +17,10 @@ is its own: the 10x-cases ingestion must also stay under 2x the memory.
 The parent watches each child with a time limit: if it runs out, the child is killed and its peak
 so far is read from /proc/<pid>/status (VmHWM), with how far it got.
 
-`--client direct` (the default of run.py) makes run_inference's calls with a plain aiohttp POST to
-the same endpoint instead of litellm: litellm spends ~8 ms of CPU a call on this machine, so
-100,000 calls through it take 15-25 minutes, while the memory of interest is the engine's and the
-pipeline's (requests, rows, batches), which the completion function does not change. `--client
-litellm` runs the real path, for a confirmation.
+`--client http` (the default of run.py) sends run_inference's calls over the engine's lean HTTP
+client (`client: http` in the registry, the path `openai/` models take anyway); `--client litellm`
+sends them through litellm, which spends ~8 ms of CPU a call on this machine, so 100,000 calls take
+15-25 minutes. The memory of interest is the engine's and the pipeline's (requests, rows, batches).
 """
 
 from __future__ import annotations
@@ -38,13 +37,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from benchmarks.common import REPO, Figure
 
 # The modules an evaluation imports; the idle baseline imports exactly these.
-import aiohttp  # noqa: E402
-import litellm  # noqa: E402,F401  (run_inference imports it lazily at the first call; count it in the baseline)
+import aiohttp  # noqa: E402,F401  (the HTTP client's transport)
+import litellm  # noqa: E402,F401  (the litellm path imports it lazily at the first call; count it in the baseline)
 
 from model_eval.project import Project  # noqa: E402
 from model_eval.steps.evaluation import run_inference  # noqa: E402
@@ -58,41 +56,6 @@ TARGET_RATIO = 2.0   # 10x the cases in under 2x the memory: results must not al
 
 
 # ================================================================ the children
-class DirectCompletion:
-    """A completion function for run_inference: one POST per call, the JSON reply as attributes.
-
-    The engine only reads choices[0].message.content, choices[0].finish_reason and usage, so a
-    SimpleNamespace tree stands in for litellm's ModelResponse. aiohttp is litellm's own transport
-    (httpx's connection pool spent more CPU than litellm in a profile of this benchmark).
-    """
-
-    def __init__(self):
-        self.session: aiohttp.ClientSession | None = None
-        self._owner = None
-
-    async def _session_in_this_loop(self):
-        # run_inference owns the event loop (asyncio.run), so there is no place to close the session
-        # after the run; an async generator is finalised by asyncio.run before the loop closes, and
-        # closing the session there keeps aiohttp from complaining about an unclosed session.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            yield session
-
-    async def __call__(self, *, model, messages, api_base, api_key, timeout, num_retries=0, max_retries=0, **params):
-        if self.session is None:
-            self._owner = self._session_in_this_loop()
-            self.session = await anext(self._owner)
-        async with self.session.post(f"{api_base}/chat/completions",
-                                     json={"model": model.split("/", 1)[-1], "messages": messages, **params},
-                                     headers={"Authorization": f"Bearer {api_key}"},
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            response.raise_for_status()
-            data = await response.json()
-        choice = data["choices"][0]
-        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=choice["message"]["content"]),
-                                                        finish_reason=choice["finish_reason"])],
-                               usage=data.get("usage"))
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident set: VmHWM, which is what ru_maxrss should be.
 
@@ -145,10 +108,11 @@ def child_evaluate(root: Path, client: str) -> dict:
             print(json.dumps({"done": stats.done, "total": stats.total}), flush=True)
             next_report[0] = stats.done + max(1, stats.total // 50)
 
-    completion = DirectCompletion() if client == "direct" else None
+    paths = project_paths(root)
+    # The client is chosen here, in the registry the step reads, as a user would choose it.
+    paths.registry_file.write_text(paths.registry_file.read_text().replace("client: http", f"client: {client}"))
     started = time.perf_counter()
-    stats = run_inference(Project.load(project_paths(root)), MODEL, EVAL_RUN_ID, log, on_progress=progress,
-                                   completion=completion)
+    stats = run_inference(Project.load(paths), MODEL, EVAL_RUN_ID, log, on_progress=progress)
     return {"seconds": time.perf_counter() - started, "calls": stats.total, "sent": stats.sent, "errors": stats.errors,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -157,7 +121,7 @@ def child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A child of the memory benchmark (started by benchmarks/run.py).")
     parser.add_argument("mode", choices=["ingest", "evaluate"])
     parser.add_argument("projects", nargs="+", type=Path, help="project folders written by prepare_project")
-    parser.add_argument("--client", choices=["direct", "litellm"], default="direct")
+    parser.add_argument("--client", choices=["http", "litellm"], default="http")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.mode == "ingest":
@@ -210,6 +174,7 @@ models:
     max_concurrency: 32
     timeout_s: 30
     max_attempts: 3
+    client: http
 """)
     return root
 

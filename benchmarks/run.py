@@ -6,8 +6,9 @@
 
 Sections (see benchmarks/README.md for what each figure means, how it is measured and its target):
 
-1 throughput  engine `run_model` vs a bare `litellm.acompletion` loop at concurrency 32 and 64,
-              against an instant fake endpoint; then an unchanged re-run (nothing may be sent).
+1 throughput  engine `run_model` on both call paths (litellm, the lean HTTP client) vs a bare
+              `litellm.acompletion` loop at concurrency 32 and 64, against an instant fake endpoint:
+              calls/s and CPU per call; then an unchanged re-run (nothing may be sent).
 2 faults      ~2,000 calls against an endpoint that fails 40% of attempts (429, 500, hangs past the
               timeout, garbage), versus the same calls fault-free.
 3 memory      peak RSS of `steps.evaluation.run_inference` for 10,000 and 100,000 cases, each in a fresh
@@ -16,6 +17,8 @@ Sections (see benchmarks/README.md for what each figure means, how it is measure
 5 peers       `model-eval run` end to end against promptfoo and Inspect AI (when installed) on the same
               cases and a stub answering in 20 ms: 20 and 2,000 cases, concurrency 32 and 64.
 6 publish     writing one run into a warehouse holding 1,000,000 result rows versus an empty one.
+7 adaptive    calls an adaptive run makes against a full one of the same scripted suite, and whether
+              both name the same champion per task.
 
 The fake endpoint is the test double model_eval_tests/fake_openai_server.py, run in processes of
 its own by benchmarks/fake_endpoint.py so it never competes with the measured client for the GIL.
@@ -37,15 +40,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402  (sets the environment before litellm is imported)
-from benchmarks import faults, memory, peers, publish, throughput, warehouse  # noqa: E402
+from benchmarks import adaptive, faults, memory, peers, publish, throughput, warehouse  # noqa: E402
 
-SECTIONS = ["throughput", "faults", "memory", "warehouse", "peers", "publish"]
+SECTIONS = ["throughput", "faults", "memory", "warehouse", "peers", "publish", "adaptive"]
 
 # Full sizes, and the --quick ones (about a tenth; the memory pair keeps its 10x step).
-FULL = dict(calls=2000, concurrency=[32, 64], rounds=4, fault_calls=2000, memory_sizes=[10_000, 100_000],
+FULL = dict(calls=2000, concurrency=[32, 64], rounds=6, fault_calls=2000, memory_sizes=[10_000, 100_000],
             metric_rows=1_000_000, score_rows=100_000, peer_sizes=[20, 2000], peer_rounds=3, publish_rows=1_000_000,
             publish_rounds=3)
-QUICK = dict(calls=300, concurrency=[32, 64], rounds=2, fault_calls=200, memory_sizes=[300, 3_000],
+QUICK = dict(calls=300, concurrency=[32, 64], rounds=3, fault_calls=200, memory_sizes=[300, 3_000],
              metric_rows=100_000, score_rows=10_000, peer_sizes=[20], peer_rounds=1, publish_rows=100_000,
              publish_rounds=1)
 
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-calls", type=int, help="calls in 2")
     parser.add_argument("--seed", type=int, default=7, help="seed of the fault mix in 2")
     parser.add_argument("--memory-sizes", type=int_list, help="comma-separated case counts for 3, smallest first")
-    parser.add_argument("--memory-client", choices=["direct", "litellm"], default="direct",
+    parser.add_argument("--memory-client", choices=["http", "litellm"], default="http",
                         help="how run_inference calls the endpoint in 3 (litellm: ~15 min for 100,000 calls)")
     parser.add_argument("--memory-limit", type=float, default=300, help="seconds each memory child may take")
     parser.add_argument("--metric-rows", type=int, help="score rows in 4")
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if "publish" in sections:
             print(f"6 publish: a run into an empty warehouse and one with {size['publish_rows']:,} result rows...", flush=True)
             figures += publish.measure(size["publish_rows"], size["publish_rounds"], workdir).figures()
+        if "adaptive" in sections:
+            print("7 adaptive: 8 models x 2 tasks x 500 cases x 3 repeats, full then adaptive...", flush=True)
+            figures += adaptive.measure(workdir).figures()
 
     print()
     print(f"model_eval benchmark{' (--quick)' if args.quick else ''}  "

@@ -1,16 +1,21 @@
-"""Throughput: the engine (`run_model`) versus a bare `litellm.acompletion` loop, and an unchanged re-run.
+"""Throughput and CPU per call: the engine (`run_model`) on both of its paths versus a bare
+`litellm.acompletion` loop, and an unchanged re-run.
 
-Both sides make the same calls with the same arguments and the same concurrency against the instant
-fake endpoint (another process). litellm's own per-call CPU is the ceiling for both, so the ratio
-is the engine's overhead: cache writes, cost, rows, the adaptive concurrency limit.
+Every side makes the same calls with the same arguments and the same concurrency against the instant
+fake endpoint (another process, so its CPU is not counted). On the litellm path, litellm's own per-call
+CPU is the ceiling, so engine / bare litellm is the engine's overhead: cache writes, cost, rows, the
+adaptive concurrency limit. The lean path (`client: http`, the OpenAI-compatible aiohttp client) does
+the same bookkeeping without litellm; its CPU per call is the figure issue 11 sets at <= 1 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import cProfile
+import dataclasses
 import io
 import pstats
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +31,16 @@ from model_eval.response_cache import ResponseCache  # noqa: E402
 litellm.suppress_debug_info = True
 
 TARGET_RATIO = 0.9               # the engine keeps >= 90% of bare litellm throughput
+TARGET_LEAN_CPU_MS = 1.0         # the lean path: at most 1 ms of CPU per call, everything included
 TARGET_RERUN_SENT = 0            # an unchanged re-run sends nothing
 TARGET_RERUN_MS_PER_CALL = 1.0   # ...and answers from the cache in under 1 ms a call
+SIDES = ("bare", "engine", "lean")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process so far (the endpoint runs in another one)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def bare_litellm(spec: ModelSpec, requests: list[CallRequest], concurrency: int) -> float:
@@ -61,16 +74,22 @@ def engine_run(spec: ModelSpec, requests: list[CallRequest], cache_path: Path, p
 class Side:
     calls: int = 0
     seconds: float = 0.0
+    cpu_s: float = 0.0
 
     @property
     def rate(self) -> float:
         return self.calls / self.seconds if self.seconds else 0.0
 
+    @property
+    def cpu_ms_per_call(self) -> float:
+        return 1000 * self.cpu_s / self.calls if self.calls else 0.0
+
 
 @dataclass
 class Throughput:
     bare: dict[int, Side] = field(default_factory=dict)      # concurrency -> totals
-    engine: dict[int, Side] = field(default_factory=dict)
+    engine: dict[int, Side] = field(default_factory=dict)    # run_model through litellm
+    lean: dict[int, Side] = field(default_factory=dict)      # run_model over the HTTP client
     rerun_calls: int = 0
     rerun_sent: int = 0
     rerun_s: float = 0.0
@@ -80,15 +99,25 @@ class Throughput:
     def ratio(self, concurrency: int) -> float:
         return self.engine[concurrency].rate / self.bare[concurrency].rate
 
+    def lean_ratio(self, concurrency: int) -> float:
+        return self.lean[concurrency].rate / self.bare[concurrency].rate
+
     def figures(self) -> list[Figure]:
         out = []
         for c in self.bare:
-            bare, engine = self.bare[c], self.engine[c]
+            bare, engine, lean = self.bare[c], self.engine[c], self.lean[c]
             out += [
-                Figure(f"1 throughput c={c}: bare litellm loop, {bare.calls:,} calls", f"{bare.rate:,.0f} calls/s", "baseline"),
-                Figure(f"1 throughput c={c}: engine run_model, {engine.calls:,} calls", f"{engine.rate:,.0f} calls/s"),
-                Figure(f"1 throughput c={c}: engine / bare", f"{self.ratio(c):.3f}", f">= {TARGET_RATIO}",
+                Figure(f"1 throughput c={c}: bare litellm loop, {bare.calls:,} calls",
+                       f"{bare.rate:,.0f} calls/s, {bare.cpu_ms_per_call:.2f} ms CPU/call", "baseline"),
+                Figure(f"1 throughput c={c}: engine via litellm, {engine.calls:,} calls",
+                       f"{engine.rate:,.0f} calls/s, {engine.cpu_ms_per_call:.2f} ms CPU/call"),
+                Figure(f"1 throughput c={c}: engine via litellm / bare", f"{self.ratio(c):.3f}", f">= {TARGET_RATIO}",
                        self.ratio(c) >= TARGET_RATIO),
+                Figure(f"1 throughput c={c}: engine via HTTP client, {lean.calls:,} calls",
+                       f"{lean.rate:,.0f} calls/s = {self.lean_ratio(c):.1f}x bare litellm"),
+                Figure(f"1 throughput c={c}: engine via HTTP client, CPU per call", f"{lean.cpu_ms_per_call:.2f} ms "
+                       f"({engine.cpu_ms_per_call / lean.cpu_ms_per_call:.1f}x less than via litellm)",
+                       f"<= {TARGET_LEAN_CPU_MS:g} ms", lean.cpu_ms_per_call <= TARGET_LEAN_CPU_MS),
             ]
         limit_s = TARGET_RERUN_MS_PER_CALL * self.rerun_calls / 1000
         out += [
@@ -106,38 +135,45 @@ def measure(calls: int, concurrencies: list[int], rounds: int, workdir: Path, pr
     done: list[tuple[ModelSpec, list[CallRequest], Path]] = []
     with Endpoint() as endpoint:
         for concurrency in concurrencies:
-            spec = make_spec(endpoint.api_base, concurrency)
+            # The same model on each path; the client is not part of config_hash, so the requests
+            # (and their cache keys) are identical.
+            specs = {"engine": dataclasses.replace(make_spec(endpoint.api_base, concurrency), client="litellm"),
+                     "lean": dataclasses.replace(make_spec(endpoint.api_base, concurrency), client="http")}
+            spec = specs["engine"]
             # Warm-up outside the timings: imports, litellm's lazy setup, a connection pool this wide.
             warm = make_requests(spec, 2 * concurrency, salt=f"warm {concurrency} ")
             asyncio.run(bare_litellm(spec, warm, concurrency))
-            engine_run(spec, warm, workdir / f"warm-{concurrency}.sqlite")
+            for side in ("engine", "lean"):
+                engine_run(specs[side], warm, workdir / f"warm-{concurrency}-{side}.sqlite")
 
-            # Rounds in the order bare, engine | engine, bare | ...: slow drift of a shared machine
-            # (other load, the server's heap) then weighs on both sides equally.
+            # The sides take turns in an order rotated every round (bare, engine, lean | engine, lean,
+            # bare | ...): slow drift of a shared machine (other load, the server's heap) weighs on all alike.
             per_round = calls // rounds
-            bare, engine = Side(), Side()
+            sides = {name: Side() for name in SIDES}
             for r in range(rounds):
                 requests = make_requests(spec, per_round, salt=f"c{concurrency} round {r} ")
-                cache_path = workdir / f"engine-{concurrency}-{r}.sqlite"   # a fresh cache every round
                 before = endpoint.sent()
-                for side in (("bare", "engine") if r % 2 == 0 else ("engine", "bare")):
-                    if side == "bare":
-                        bare.seconds += asyncio.run(bare_litellm(spec, requests, concurrency))
-                        bare.calls += len(requests)
+                for name in SIDES[r % 3:] + SIDES[:r % 3]:
+                    cpu_before = cpu_seconds()
+                    if name == "bare":
+                        seconds = asyncio.run(bare_litellm(spec, requests, concurrency))
                     else:
-                        seconds, frame, stats = engine_run(spec, requests, cache_path)
+                        cache_path = workdir / f"{name}-{concurrency}-{r}.sqlite"   # a fresh cache every round
+                        seconds, frame, stats = engine_run(specs[name], requests, cache_path)
                         if stats.errors or stats.retries or frame.height != len(requests):
-                            raise RuntimeError(f"engine run had {stats.errors} errors, {stats.retries} retries, "
+                            raise RuntimeError(f"{name} run had {stats.errors} errors, {stats.retries} retries, "
                                                f"{frame.height} rows for {len(requests)} calls: not a clean benchmark")
-                        engine.seconds += seconds
-                        engine.calls += len(requests)
-                # Neither side may have hidden retries (or lost calls) from the comparison.
-                if endpoint.sent() - before != 2 * len(requests):
+                        done.append((specs[name], requests, cache_path))
+                    sides[name].cpu_s += cpu_seconds() - cpu_before
+                    sides[name].seconds += seconds
+                    sides[name].calls += len(requests)
+                # No side may have hidden retries (or lost calls) from the comparison.
+                if endpoint.sent() - before != len(SIDES) * len(requests):
                     raise RuntimeError("the server saw a different number of calls than were made; the comparison is off")
-                done.append((spec, requests, cache_path))
-            result.bare[concurrency], result.engine[concurrency] = bare, engine
+            result.bare[concurrency], result.engine[concurrency], result.lean[concurrency] = (
+                sides["bare"], sides["engine"], sides["lean"])
 
-        # The unchanged re-run: every round's requests again, each on the cache its run filled.
+        # The unchanged re-run: every engine run's requests again, each on the cache its run filled.
         before = endpoint.sent()
         for spec, requests, cache_path in done:
             seconds, frame, _ = engine_run(spec, requests, cache_path)
@@ -151,8 +187,8 @@ def measure(calls: int, concurrencies: list[int], rounds: int, workdir: Path, pr
             concurrency = (missed or concurrencies)[0]
             spec = make_spec(endpoint.api_base, concurrency)
             profiler = cProfile.Profile()
-            engine_run(spec, make_requests(spec, min(calls // rounds, 1000), salt="profile "),
-                       workdir / "profile.sqlite", profiler)
+            engine_run(dataclasses.replace(spec, client="litellm"),
+                       make_requests(spec, min(calls // rounds, 1000), salt="profile "), workdir / "profile.sqlite", profiler)
             result.profile = f"engine profile at concurrency {concurrency}\n" + top_functions(profiler)
     return result
 
@@ -167,7 +203,7 @@ def top_functions(profiler: cProfile.Profile, limit: int = 25) -> str:
               f"({100 * own / total:.1f}%), not counting what it calls\n")
     # The engine's synchronous helpers, with what they call (e.g. SQLite under ResponseCache.put_many).
     # Coroutines are left out: their cumulative time includes every await, i.e. litellm.
-    coroutines = {"run_model", "one", "work", "feed", "_default_completion", "acquire", "release"}
+    coroutines = {"run_model", "one", "work", "feed", "_default_completion", "acquire", "release", "__call__"}
     helpers = sorted(((ct, nc, func, Path(path).name) for (path, _, func), (_, nc, _, ct, _) in stats.stats.items()
                       if "/model_eval/" in path and func not in coroutines), reverse=True)
     out.write("model_eval functions by cumulative time:\n")

@@ -4,7 +4,9 @@ The bundled llama.cpp server keeps one model in memory at a time and swaps on de
 memory is the server process's resident set (VmRSS in /proc/<pid>/status) sampled *while that model
 answers*: samples taken between calls may show another model, so only samples inside the time window
 of one of its calls count, from the end of the partition's first call on (the swap happens inside that
-one; steps/evaluation.py picks the windows). The figure includes the server's own interpreter and runtime, because a
+one; steps/evaluation.py picks the windows). A window reaches WINDOW_GRACE_S past its call's end: the
+server only swaps on another model's request, so a sample just after a call still shows this model, and
+quick calls (a few milliseconds, shorter than the sampling interval) are measured too. The figure includes the server's own interpreter and runtime, because a
 machine has to provide those too. Linux only: elsewhere, and for remote servers, memory is unknown.
 """
 
@@ -24,6 +26,7 @@ from urllib.parse import urlparse
 OUTPUT_TOKENS_PER_S_SQL = "output_tokens * 1000.0 / nullif(latency_ms, 0)"
 LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp
 SAMPLE_INTERVAL_S = 0.05
+WINDOW_GRACE_S = 2 * SAMPLE_INTERVAL_S
 
 
 def _listening_inodes(port: int) -> set[str]:
@@ -81,11 +84,14 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"rss-sampler-{pid}", daemon=True)
 
+    def _sample(self) -> None:
+        kb = resident_kb(self.pid)
+        if kb is not None:
+            self.samples.append((time.time(), kb))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            kb = resident_kb(self.pid)
-            if kb is not None:
-                self.samples.append((time.time(), kb))
+            self._sample()
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "MemorySampler":
@@ -95,16 +101,20 @@ class MemorySampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        # One last sample right after the calls ended: a partition whose calls all finished between two
+        # periodic samples still gets one inside its grace window.
+        self._sample()
 
 
 def peak_in_windows(samples: list[tuple[float, int]], windows: list[tuple[float, float]]) -> tuple[int, int] | None:
-    """The highest sample taken inside any of the windows, and how many samples were inside; None if none was.
+    """The highest sample taken inside any of the windows (each reaching WINDOW_GRACE_S past its end), and
+    how many samples were inside; None if none was.
 
     `samples` must be in time order (as a sampler records them)."""
     times = [t for t, _ in samples]
     peak, inside = None, 0
     for start, end in windows:
-        for index in range(bisect.bisect_left(times, start), bisect.bisect_right(times, end)):
+        for index in range(bisect.bisect_left(times, start), bisect.bisect_right(times, end + WINDOW_GRACE_S)):
             inside += 1
             peak = samples[index][1] if peak is None else max(peak, samples[index][1])
     return None if peak is None else (peak, inside)

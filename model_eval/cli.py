@@ -125,12 +125,15 @@ def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[s
     import polars as pl
 
     from model_eval.metrics import leaderboard
+    from model_eval.open_ended import task_notes
     from model_eval.warehouse import read_connection
 
     with read_connection(paths.warehouse_file) as conn:
         board = leaderboard(conn)
         recs = conn.sql("SELECT * FROM recommendations WHERE eval_run_id = $id AND is_task_policy",
                         params={"id": eval_run_id}).pl()
+        # Judge calibration, win rates and consensus agreement: reported beside accuracy, never as it.
+        notes = {r["task"]: task_notes(conn, r["task"], r["dataset_version"], with_judge=False) for r in recs.iter_rows(named=True)}
     for rec in recs.sort("task").iter_rows(named=True):
         if rec["task"] not in task_names:
             continue
@@ -153,6 +156,8 @@ def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[s
         print(f"  champion: {champion}; runner-up: {rec['runner_up'] or '-'}"
               + (f"; confidence {rec['confidence']:.2f}" if rec["confidence"] is not None else ""))
         print(f"  why: {rec['reasoning']}")
+        for line in notes[rec["task"]]:
+            print(f"  {line}")
 
 
 def _print_assignments(paths: ProjectPaths) -> None:

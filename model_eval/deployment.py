@@ -45,6 +45,13 @@ class Degradation:
 
 
 @dataclass(frozen=True)
+class Judges:
+    # Cohen's kappa a judge needs with human verdicts before it may score a task (docs/decisions.md,
+    # section 10); a task's judge settings can set their own `min_kappa`.
+    min_kappa: float = 0.6
+
+
+@dataclass(frozen=True)
 class DiscoveryEndpoint:
     kind: str                    # "openai_compatible" | "ollama"
     api_base: str
@@ -66,6 +73,7 @@ class Deployment:
     schedule_timezone: str
     discovery: tuple[DiscoveryEndpoint, ...] = field(default=())
     drift: DriftSettings = field(default_factory=DriftSettings)
+    judges: Judges = field(default_factory=Judges)
 
 
 def _section(data: dict, name: str, cls, path: Path):
@@ -84,7 +92,7 @@ def _section(data: dict, name: str, cls, path: Path):
             raise InputError(path, "must not be negative", field=f"{name}.{key}")
         values[key] = expected(value)
     result = cls(**values)
-    for key in ("partial_share", "min_success_rate", "max_accuracy_drop", "non_inferiority_margin"):
+    for key in ("partial_share", "min_success_rate", "max_accuracy_drop", "non_inferiority_margin", "min_kappa"):
         if hasattr(result, key) and not 0 <= getattr(result, key) <= 1:
             raise InputError(path, "must be between 0 and 1", field=f"{name}.{key}")
     if hasattr(result, "significance") and not 0 < result.significance < 1:
@@ -158,7 +166,7 @@ def _parse(data, path: Path, base_dir: Path) -> Deployment:
     from model_eval.alerts import AlertSettings
     if not isinstance(data, dict):
         raise InputError(path, "must be a mapping of sections")
-    known = {"initial_assignments", "gates", "rollout", "degradation", "alerts", "schedule", "discovery", "drift"}
+    known = {"initial_assignments", "gates", "rollout", "degradation", "alerts", "schedule", "discovery", "drift", "judges"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise InputError(path, f"unknown section; allowed: {', '.join(sorted(known))}", field=unknown[0])
@@ -200,4 +208,5 @@ def _parse(data, path: Path, base_dir: Path) -> Deployment:
         schedule_timezone=str(schedule.get("timezone", "UTC")),
         discovery=tuple(endpoints),
         drift=_section(data, "drift", DriftSettings, path),
+        judges=_section(data, "judges", Judges, path),
     )

@@ -110,11 +110,12 @@ def add_discovered(path: Path, entries: list[dict], known_names: set[str]) -> li
 
 
 def golden_fingerprints(golden_dir: Path) -> dict[str, str]:
-    """A content hash per task folder (task file and every cases file): changes when a version is added or edited."""
+    """A content hash per task folder (task file, every cases file, a judge task's calibration file): changes when a
+    version is added or edited, or when a judge's human-graded answers change."""
     prints = {}
     for folder in sorted(p for p in golden_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
         digest = hashlib.sha256()
-        for file in sorted([folder / "task.yaml", *sorted((folder / "cases").glob("*.jsonl"))]):
+        for file in sorted([folder / "task.yaml", *folder.glob("*.jsonl"), *(folder / "cases").glob("*.jsonl")]):
             if file.is_file():
                 digest.update(file.name.encode() + b"\0" + file.read_bytes())
         prints[folder.name] = digest.hexdigest()[:16]

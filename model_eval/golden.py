@@ -22,13 +22,27 @@ from model_eval.errors import GoldenSetError
 from model_eval.scorers import get_scorer, registered_scorers
 
 OUTPUT_KINDS = ("verdict", "json", "label", "text")
-CASE_FIELDS_REQUIRED = ("id", "inputs", "expected")
-CASE_FIELDS_OPTIONAL = ("difficulty", "kind", "tags", "notes")
+CASE_FIELDS_REQUIRED = ("id", "inputs")          # and `expected`, unless the scorer does without (judge)
+CASE_FIELDS_OPTIONAL = ("expected", "difficulty", "kind", "tags", "notes")
+CALIBRATION_FIELDS_REQUIRED = ("id", "inputs", "answer", "human_verdict")
+CALIBRATION_FIELDS_OPTIONAL = ("notes",)
 DIFFICULTIES = ("easy", "medium", "hard")
 EXAMPLE_FIELDS = ("inputs", "output", "notes")
 # An example's text field this long or longer may not also appear in a case: a shared posting is a
 # leaked case even with another summary beside it. Shorter values (a language, a label) may recur.
 SHARED_TEXT_MIN_CHARS = 40
+
+
+DEFAULT_CONSENSUS_SIMILARITY = 0.6
+
+
+@dataclass(frozen=True)
+class ConsensusSpec:
+    """How the answers of several models to one case are compared (model_eval/consensus.py)."""
+
+    tie_breaker: str                       # registry name whose answer wins a tie
+    similarity_threshold: float = DEFAULT_CONSENSUS_SIMILARITY   # text answers: token F1 at or above this agree
+    fields: tuple[str, ...] = ()           # json answers: compare only these dotted fields (all when empty)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,15 @@ class TaskSpec:
     budget_per_case_usd: float = 0.001
     examples: tuple[FewShotExample, ...] = field(default=())
     threshold_reason: str = ""
+    consensus: ConsensusSpec | None = None
+
+    @property
+    def is_judged(self) -> bool:
+        """Scored by a judge model (the judging step) rather than by a pure scorer."""
+        return get_scorer(self.scorer).needs_model_calls
+
+    def calibration_file(self) -> Path:
+        return self.folder / self.scorer_settings["calibration"]
 
     @property
     def task_file(self) -> Path:
@@ -165,6 +188,8 @@ def load_task(folder: Path) -> TaskSpec:
                 raise GoldenSetError(path, f"must be a positive number, got {value!r}", field=key)
             anchors[key] = float(value)
 
+    consensus = _consensus(data.get("consensus"), path)
+
     cases_dir = folder / "cases"
     versions = tuple(sorted((p.stem for p in cases_dir.glob("*.jsonl")), key=_version_sort_key))
     if not versions:
@@ -193,7 +218,28 @@ def load_task(folder: Path) -> TaskSpec:
         **anchors,
         examples=examples,
         threshold_reason=threshold_reason.strip(),
+        consensus=consensus,
     )
+
+
+def _consensus(raw: Any, path: Path) -> ConsensusSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise GoldenSetError(path, "must be a mapping: {tie_breaker: <model>, similarity_threshold: 0..1, fields: [...]}", field="consensus")
+    unknown = sorted(set(raw) - {"tie_breaker", "similarity_threshold", "fields"})
+    if unknown:
+        raise GoldenSetError(path, "unknown setting; allowed: tie_breaker, similarity_threshold, fields", field=f"consensus.{unknown[0]}")
+    tie_breaker = raw.get("tie_breaker")
+    if not isinstance(tie_breaker, str) or not tie_breaker.strip():
+        raise GoldenSetError(path, "required: the registry name of the model whose answer breaks a tie", field="consensus.tie_breaker")
+    threshold = raw.get("similarity_threshold", DEFAULT_CONSENSUS_SIMILARITY)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise GoldenSetError(path, f"must be a number in (0, 1], got {threshold!r}", field="consensus.similarity_threshold")
+    fields = raw.get("fields") or []
+    if not isinstance(fields, list) or not all(isinstance(f, str) and f for f in fields):
+        raise GoldenSetError(path, "must be a list of dotted field names", field="consensus.fields")
+    return ConsensusSpec(tie_breaker=tie_breaker, similarity_threshold=float(threshold), fields=tuple(fields))
 
 
 def _load_examples(raw: Any, path: Path, placeholders: tuple[str, ...], output_kind: str, scorer_name: str,
@@ -275,6 +321,34 @@ def case_content_hash(case: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def _case_lines(task: TaskSpec, path: Path, required: tuple[str, ...], allowed: tuple[str, ...]):
+    """(line number, object) for each non-blank line, after the checks every case file shares."""
+    with path.open(encoding="utf-8") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                case = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise GoldenSetError(path, f"not valid JSON ({exc.msg} at column {exc.colno})", line=line_no) from None
+            if not isinstance(case, dict):
+                raise GoldenSetError(path, "each line must be a JSON object", line=line_no)
+            for key in required:
+                if key not in case:
+                    raise GoldenSetError(path, "required field is missing", line=line_no, field=key)
+            unknown = sorted(set(case) - set(allowed))
+            if unknown:
+                raise GoldenSetError(path, f"unknown field(s); allowed: {', '.join(allowed)}", line=line_no, field=unknown[0])
+            if not isinstance(case["id"], str) or not case["id"].strip():
+                raise GoldenSetError(path, "must be a non-empty string", line=line_no, field="id")
+            if not isinstance(case["inputs"], dict):
+                raise GoldenSetError(path, "must be an object of template variables", line=line_no, field="inputs")
+            for name in task.placeholders:
+                if name not in case["inputs"]:
+                    raise GoldenSetError(path, f"the prompt template needs '{name}'", line=line_no, field=f"inputs.{name}")
+            yield line_no, case
+
+
 def read_cases(task: TaskSpec, version: str | None = None) -> pl.DataFrame:
     """Parse one cases file; each problem names the file, the line and the field.
 
@@ -286,56 +360,36 @@ def read_cases(task: TaskSpec, version: str | None = None) -> pl.DataFrame:
     scorer = get_scorer(task.scorer)
     rows = []
     parsed: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                case = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise GoldenSetError(path, f"not valid JSON ({exc.msg} at column {exc.colno})", line=line_no) from None
-            if not isinstance(case, dict):
-                raise GoldenSetError(path, "each line must be a JSON object", line=line_no)
-            for key in CASE_FIELDS_REQUIRED:
-                if key not in case:
-                    raise GoldenSetError(path, "required field is missing", line=line_no, field=key)
-            unknown = sorted(set(case) - set(CASE_FIELDS_REQUIRED) - set(CASE_FIELDS_OPTIONAL))
-            if unknown:
-                raise GoldenSetError(path, f"unknown field(s); allowed: {', '.join(CASE_FIELDS_REQUIRED + CASE_FIELDS_OPTIONAL)}", line=line_no, field=unknown[0])
-            if not isinstance(case["id"], str) or not case["id"].strip():
-                raise GoldenSetError(path, "must be a non-empty string", line=line_no, field="id")
-            if not isinstance(case["inputs"], dict):
-                raise GoldenSetError(path, "must be an object of template variables", line=line_no, field="inputs")
-            for name in task.placeholders:
-                if name not in case["inputs"]:
-                    raise GoldenSetError(path, f"the prompt template needs '{name}'", line=line_no, field=f"inputs.{name}")
-            difficulty = case.get("difficulty")
-            if difficulty is not None and difficulty not in DIFFICULTIES:
-                raise GoldenSetError(path, f"must be one of {', '.join(DIFFICULTIES)}", line=line_no, field="difficulty")
-            tags = case.get("tags") or []
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                raise GoldenSetError(path, "must be a list of strings", line=line_no, field="tags")
-            parsed.append((line_no, case))
-            rows.append(
-                {
-                    "task": task.name,
-                    "dataset_version": version,
-                    "case_id": case["id"],
-                    "line": line_no,
-                    "inputs_json": json.dumps(case["inputs"], ensure_ascii=False, sort_keys=True),
-                    "expected_json": json.dumps(case["expected"], ensure_ascii=False, sort_keys=True),
-                    # Checked per case, judged by GX: keeps "expected value valid for the output kind"
-                    # in the same validation report as the other dataset rules.
-                    "expected_error": scorer.validate_expected(case["expected"], task.scorer_settings),
-                    "expected_verdict": case["expected"] if task.output_kind == "verdict" and isinstance(case["expected"], str) else None,
-                    "difficulty": difficulty,
-                    "kind": case.get("kind"),
-                    "tags": tags,
-                    "notes": case.get("notes"),
-                    "content_hash": case_content_hash(case),
-                    "source_file": str(path),
-                }
-            )
+    required = CASE_FIELDS_REQUIRED + (("expected",) if scorer.needs_expected else ())
+    for line_no, case in _case_lines(task, path, required, CASE_FIELDS_REQUIRED + CASE_FIELDS_OPTIONAL):
+        difficulty = case.get("difficulty")
+        if difficulty is not None and difficulty not in DIFFICULTIES:
+            raise GoldenSetError(path, f"must be one of {', '.join(DIFFICULTIES)}", line=line_no, field="difficulty")
+        tags = case.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise GoldenSetError(path, "must be a list of strings", line=line_no, field="tags")
+        parsed.append((line_no, case))
+        rows.append(
+            {
+                "task": task.name,
+                "dataset_version": version,
+                "case_id": case["id"],
+                "line": line_no,
+                "inputs_json": json.dumps(case["inputs"], ensure_ascii=False, sort_keys=True),
+                # NULL for a judge task's case without a reference answer.
+                "expected_json": json.dumps(case["expected"], ensure_ascii=False, sort_keys=True) if "expected" in case else None,
+                # Checked per case, judged by GX: keeps "expected value valid for the output kind"
+                # in the same validation report as the other dataset rules.
+                "expected_error": scorer.validate_expected(case.get("expected"), task.scorer_settings),
+                "expected_verdict": case.get("expected") if task.output_kind == "verdict" and isinstance(case.get("expected"), str) else None,
+                "difficulty": difficulty,
+                "kind": case.get("kind"),
+                "tags": tags,
+                "notes": case.get("notes"),
+                "content_hash": case_content_hash(case),
+                "source_file": str(path),
+            }
+        )
     check_examples_are_not_cases(task, parsed, path)
     schema = {
         "task": pl.String, "dataset_version": pl.String, "case_id": pl.String, "line": pl.Int64,
@@ -343,4 +397,34 @@ def read_cases(task: TaskSpec, version: str | None = None) -> pl.DataFrame:
         "expected_verdict": pl.String, "difficulty": pl.String, "kind": pl.String,
         "tags": pl.List(pl.String), "notes": pl.String, "content_hash": pl.String, "source_file": pl.String,
     }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def read_calibration_cases(task: TaskSpec) -> pl.DataFrame:
+    """Parse a judge task's calibration file: answers with a human PASS/FAIL verdict, one JSON object a line.
+
+    The frame has read_cases' columns (so the same Great Expectations rules check it, with the human
+    verdict as the expected verdict) plus `answer` and `human_verdict`.
+    """
+    path = task.calibration_file()
+    if not path.is_file():
+        raise GoldenSetError(task.folder / "task.yaml", f"calibration file {path.name} not found in {task.folder}",
+                             field="scorer.settings.calibration")
+    rows = []
+    for line_no, case in _case_lines(task, path, CALIBRATION_FIELDS_REQUIRED, CALIBRATION_FIELDS_REQUIRED + CALIBRATION_FIELDS_OPTIONAL):
+        if not isinstance(case["answer"], str) or not case["answer"].strip():
+            raise GoldenSetError(path, "must be the answer being judged, a non-empty string", line=line_no, field="answer")
+        verdict = case["human_verdict"] if isinstance(case["human_verdict"], str) else repr(case["human_verdict"])
+        rows.append({
+            "task": task.name, "case_id": case["id"], "line": line_no,
+            "inputs_json": json.dumps(case["inputs"], ensure_ascii=False, sort_keys=True),
+            "expected_json": json.dumps(case["answer"], ensure_ascii=False),
+            "expected_error": None,
+            # Checked by GX like a verdict task's expected value: PASS or FAIL, and both present.
+            "expected_verdict": verdict,
+            "answer": case["answer"], "human_verdict": verdict, "source_file": str(path),
+        })
+    schema = {"task": pl.String, "case_id": pl.String, "line": pl.Int64, "inputs_json": pl.String, "expected_json": pl.String,
+              "expected_error": pl.String, "expected_verdict": pl.String, "answer": pl.String, "human_verdict": pl.String,
+              "source_file": pl.String}
     return pl.DataFrame(rows, schema=schema)

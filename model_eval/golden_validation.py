@@ -32,7 +32,7 @@ MIN_CASES = 10
 VERDICTS = ["PASS", "FAIL"]
 CHUNK_ROWS = 20_000
 # Bump when the rules below change: every file is then validated again once.
-RULES_VERSION = 2
+RULES_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def validation_key(cases_sha256: str, task_file: Path, scorer: str, scorer_settings: dict, output_kind: str) -> str:
-    """What a validation result depends on: the cases, the task file, the scorer and its settings, these rules."""
+def validation_key(cases_sha256: str, task_file: Path, scorer: str, scorer_settings: dict, output_kind: str,
+                   extra_files: list[Path] = ()) -> str:
+    """What a validation result depends on: the cases, the task file, the scorer and its settings, these rules,
+    and any other file validated with them (a judge task's calibration file)."""
     parts = {"rules": RULES_VERSION, "min_cases": MIN_CASES, "cases": cases_sha256, "task_file": file_sha256(task_file),
-             "scorer": scorer, "scorer_settings": scorer_settings, "output_kind": output_kind}
+             "scorer": scorer, "scorer_settings": scorer_settings, "output_kind": output_kind,
+             "extra_files": [file_sha256(path) for path in extra_files]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -91,16 +94,18 @@ def _whole_file_rules(output_kind: str) -> list:
     return rules
 
 
-def _per_row_rules(output_kind: str) -> list:
+def _per_row_rules(output_kind: str, expected_required: bool = True) -> list:
     """Rules each row passes or fails on its own: checked chunk by chunk."""
     import great_expectations as gx
 
     rules = [
         gx.expectations.ExpectColumnValuesToNotBeNull(column="inputs_json"),
-        gx.expectations.ExpectColumnValuesToNotBeNull(column="expected_json"),
         # Filled per case by the scorer's own check of the expected value; null means valid.
         gx.expectations.ExpectColumnValuesToBeNull(column="expected_error"),
     ]
+    if not expected_required:
+        return rules   # a judge task: a case may come without an expected answer (the judge grades it)
+    rules.append(gx.expectations.ExpectColumnValuesToNotBeNull(column="expected_json"))
     if output_kind == "verdict":
         rules.append(gx.expectations.ExpectColumnValuesToBeInSet(column="expected_verdict", value_set=VERDICTS))
     return rules
@@ -133,8 +138,10 @@ class _Failure:
     messages: list[str]
 
 
-def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, chunk_rows: int = CHUNK_ROWS) -> ValidationOutcome:
-    """Run the expectations on one cases file's rows (as produced by golden.read_cases)."""
+def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, expected_required: bool = True,
+                   chunk_rows: int = CHUNK_ROWS) -> ValidationOutcome:
+    """Run the expectations on one cases file's rows (as produced by golden.read_cases, or a judge task's
+    calibration file by golden.read_calibration_cases, checked as a verdict task)."""
     verdict = ["expected_verdict"] if output_kind == "verdict" else []
     failures: dict[tuple[str, str | None], _Failure] = {}
 
@@ -159,7 +166,7 @@ def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, chun
     for offset in range(0, cases.height, chunk_rows):
         chunk = cases.slice(offset, chunk_rows).select(
             "line", "case_id", "inputs_json", "expected_json", "expected_error", *verdict).to_pandas()
-        collect(_validate_frame(chunk, _per_row_rules(output_kind)), chunk)
+        collect(_validate_frame(chunk, _per_row_rules(output_kind, expected_required)), chunk)
 
     problems = []
     for failure in failures.values():
@@ -168,7 +175,7 @@ def validate_cases(cases: pl.DataFrame, output_kind: str, source_file: str, chun
                  + (f", field '{_field_name(failure.column)}'" if failure.column else ""))
         problems.append(f"{where}: {_describe(failure)}")
     return ValidationOutcome(source_file=source_file, passed=not failures, problems=problems,
-                             expectations_run=len(_whole_file_rules(output_kind)) + len(_per_row_rules(output_kind)))
+                             expectations_run=len(_whole_file_rules(output_kind)) + len(_per_row_rules(output_kind, expected_required)))
 
 
 def _field_name(column: str) -> str:

@@ -1,4 +1,7 @@
-"""The inference engine: every (case x repeat) for one model, through litellm, asynchronously.
+"""The inference engine: every (case x repeat) for one model, asynchronously.
+
+Calls go over the lean HTTP client (`http_client`, OpenAI-compatible endpoints) or through litellm
+(every other provider), as `ModelSpec.transport` says; everything below the call is shared.
 
 Bounded concurrency per model, a per-call timeout, retries with exponential backoff and jitter on
 rate limits, server errors and timeouts (honouring Retry-After, with a hard cap on attempts), and a
@@ -8,6 +11,7 @@ response cache so unchanged work is never sent twice. Plain asyncio; no Dagster 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -20,6 +24,7 @@ import polars as pl
 
 from model_eval.crash_points import crash_point
 from model_eval.golden import TaskSpec
+from model_eval.http_client import Answer, OpenAICompatibleClient
 from model_eval.model_map import price_per_million
 from model_eval.prompts import ModelInput, build_input
 from model_eval.registry import ModelSpec
@@ -92,20 +97,39 @@ class AdaptiveLimit:
         self.in_flight = 0
         self.epoch = 0
         self._successes = 0
-        self._changed = asyncio.Condition()
+        # Callers waiting for a slot, first come first served: a freed slot is handed to the oldest
+        # waiter, never taken by a newcomer (with a plain condition a newcomer could barge in and an
+        # early request starve, which stalls anything that consumes results in request order).
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self.trace: list[tuple[float, int]] = [(time.monotonic(), maximum)]
 
     async def acquire(self) -> int:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+        if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
             return self.epoch
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.in_flight -= 1          # the slot arrived with the cancellation: pass it on
+                self._hand_over()
+            else:
+                self._waiters.remove(waiter)
+            raise
+        return self.epoch
 
     async def release(self) -> None:
-        async with self._changed:
-            self.in_flight -= 1
-            # Wake only as many waiters as there are free slots (waking all is quadratic in waiters).
-            self._changed.notify(max(1, self.limit - self.in_flight))
+        self.in_flight -= 1
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self.in_flight < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
 
     def rate_limited(self, started_epoch: int) -> None:
         if started_epoch != self.epoch:
@@ -124,6 +148,7 @@ class AdaptiveLimit:
         if limit != self.limit:
             self.limit = limit
             self.trace.append((time.monotonic(), limit))
+            self._hand_over()
 
 
 @dataclass
@@ -136,6 +161,7 @@ class RunStats:
     errors: int = 0
     unknown_cost: int = 0
     rate_limited: int = 0
+    skipped: int = 0          # requests `admit` turned down (adaptive mode): no call, no row
     wall_s: float = 0.0
     error_classes: dict[str, int] = field(default_factory=dict)
     concurrency_trace: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, calls allowed in flight)
@@ -222,15 +248,14 @@ class CostCalculator:
             return None
         if self.spec.price_input_per_million is not None and self.spec.price_output_per_million is not None:
             return (input_tokens * self.spec.price_input_per_million + output_tokens * self.spec.price_output_per_million) / 1e6
-        # litellm's price map, read without importing litellm (that import takes seconds; see model_map.py).
+        # litellm's price map, read as a file: the HTTP path never imports litellm.
         prices = price_per_million(self.spec.litellm_model)
-        if prices is not None:
-            return (input_tokens * prices[0] + output_tokens * prices[1]) / 1e6
-        if not self.warned:
+        cost = None if prices is None else (input_tokens * prices[0] + output_tokens * prices[1]) / 1e6
+        if cost is None and not self.warned:
             log.warning("model %s: no price in the registry and litellm has none for %s; cost recorded as NULL",
                         self.spec.name, self.spec.litellm_model)
             self.warned = True
-        return None
+        return cost
 
 
 async def _default_completion(**kwargs):
@@ -270,20 +295,55 @@ def _text_and_finish(response: Any) -> tuple[str | None, str | None]:
     return text, getattr(choice, "finish_reason", None)
 
 
+class LitellmClient:
+    """The litellm path, shaped like `OpenAICompatibleClient`: (model input, params) -> Answer."""
+
+    def __init__(self, spec: ModelSpec, completion: CompletionFn, text_completion: CompletionFn):
+        self.spec = spec
+        self.completion = completion
+        self.text_completion = text_completion
+        self.key = spec.api_key()
+
+    async def __aenter__(self) -> "LitellmClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        return None
+
+    async def __call__(self, model_input: ModelInput, params: dict[str, Any]) -> Answer:
+        send = self.completion if model_input.mode == "chat" else self.text_completion
+        response = await send(model=self.spec.litellm_model, **model_input.litellm_arguments(), api_base=self.spec.api_base,
+                              api_key=self.key or ("sk-no-key" if self.spec.api_base else None),
+                              timeout=self.spec.timeout_s, num_retries=0, max_retries=0, **params)
+        text, finish_reason = _text_and_finish(response)
+        input_tokens, output_tokens = _usage(response)
+        return Answer(text, finish_reason, input_tokens, output_tokens)
+
+
+def client_for(spec: ModelSpec, completion: CompletionFn | None = None,
+               text_completion: CompletionFn | None = None) -> OpenAICompatibleClient | LitellmClient:
+    """The path `spec.transport` names; given litellm-shaped functions (tests, benchmarks), those."""
+    if completion is None and text_completion is None and spec.transport == "http":
+        return OpenAICompatibleClient(spec)
+    return LitellmClient(spec, completion or _default_completion, text_completion or _default_text_completion)
+
+
 async def run_model(
     spec: ModelSpec,
     requests: Iterable[CallRequest],
     cache: ResponseCache,
     *,
     retry: RetryPolicy = RetryPolicy(),
-    completion: CompletionFn = _default_completion,
-    text_completion: CompletionFn = _default_text_completion,
+    completion: CompletionFn | None = None,
+    text_completion: CompletionFn | None = None,
     on_progress: ProgressFn | None = None,
     progress_every: int = 10,
     cache_max_age_s: float | None = None,
     sink: Callable[[pl.DataFrame], None] | None = None,
     batch_rows: int = 5000,
     total: int | None = None,
+    admit: Callable[[CallRequest], bool] | None = None,
+    observe: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[pl.DataFrame | None, RunStats]:
     """Answer every request for one model; returns the rows and the run's totals.
 
@@ -292,20 +352,26 @@ async def run_model(
     are handed over in batches of `batch_rows` (then None is returned instead of a frame).
     Cached answers are reused; `cache_max_age_s` makes older ones be asked again (a scheduled
     re-evaluation must see today's model, or a provider's silent change would never show).
-    Chat requests go through `completion`, completion-mode requests (those with a prompt) through
-    `text_completion`.
+    Calls go over the path `spec.transport` names (one HTTP session for the whole run), unless
+    litellm-shaped `completion` / `text_completion` functions are given: then chat requests go
+    through `completion`, completion-mode requests (those with a prompt) through `text_completion`.
+    Adaptive mode (`model_eval.adaptive`): `admit(request)` is asked just before a request is
+    answered (from the cache or by a call) and may turn it down; `observe(row)` sees every row.
     """
     if total is None and isinstance(requests, list):
         total = len(requests)
     stats = RunStats(total=total or 0)
     started = time.perf_counter()
     cost_of = CostCalculator(spec)
-    secrets = [k for k in [spec.api_key()] if k]
+    client = client_for(spec, completion, text_completion)
+    secrets = [k for k in [client.key] if k]
     rows: list[dict[str, Any]] = []
     limit = AdaptiveLimit(spec.max_concurrency)
 
     def finish(row: dict[str, Any]) -> None:
         rows.append(row)
+        if observe is not None:
+            observe(row)
         if sink is not None and len(rows) >= batch_rows:
             sink(pl.DataFrame(rows, schema=RESULT_SCHEMA))
             rows.clear()
@@ -350,6 +416,9 @@ async def run_model(
         crash_point("inference.cached")
 
     async def one(req: CallRequest, hit: dict[str, Any] | None) -> None:
+        if admit is not None and not admit(req):
+            stats.skipped += 1
+            return
         if hit is not None:
             stats.cached += 1
             finish({**base_row(req), **hit, "cost_usd": cost_of(hit["input_tokens"], hit["output_tokens"]),
@@ -365,16 +434,11 @@ async def run_model(
             stats.sent += 1
             t0 = time.perf_counter()
             try:
-                # httpx applies the provider timeout per read; this makes it a deadline for the
+                # Both clients apply the provider timeout per read; this makes it a deadline for the
                 # whole call, so a server trickling its answer cannot hold a slot indefinitely.
                 # The small grace lets the provider's own timeout (a clearer error) fire first.
-                send = completion if req.prompt is None else text_completion
                 async with asyncio.timeout(spec.timeout_s * 1.1 + 0.5):
-                    response = await send(
-                        model=spec.litellm_model, **req.model_input.litellm_arguments(), api_base=spec.api_base,
-                        api_key=spec.api_key() or ("sk-no-key" if spec.api_base else None),
-                        timeout=spec.timeout_s, num_retries=0, max_retries=0, **req.params,
-                    )
+                    answer = await client(req.model_input, req.params)
             except Exception as exc:  # noqa: BLE001 - every failure is recorded, none crashes the run
                 latency_ms = (time.perf_counter() - t0) * 1000
                 await limit.release()
@@ -394,12 +458,10 @@ async def run_model(
             latency_ms = (time.perf_counter() - t0) * 1000
             await limit.release()
             limit.succeeded()
-            text, finish_reason = _text_and_finish(response)
-            input_tokens, output_tokens = _usage(response)
-            payload = {"response_text": text, "latency_ms": latency_ms, "input_tokens": input_tokens,
-                       "output_tokens": output_tokens, "finish_reason": finish_reason}
+            payload = {"response_text": answer.text, "latency_ms": latency_ms, "input_tokens": answer.input_tokens,
+                       "output_tokens": answer.output_tokens, "finish_reason": answer.finish_reason}
             remember(req.key, payload)
-            finish({**base_row(req), **payload, "cost_usd": cost_of(input_tokens, output_tokens),
+            finish({**base_row(req), **payload, "cost_usd": cost_of(answer.input_tokens, answer.output_tokens),
                     "error_class": None, "error_message": None, "attempts": attempt, "from_cache": False,
                     "completed_at": time.time()})
             return
@@ -424,7 +486,8 @@ async def run_model(
             await one(*item)
 
     try:
-        await asyncio.gather(feed(), *(work() for _ in range(workers_n)))
+        async with client:
+            await asyncio.gather(feed(), *(work() for _ in range(workers_n)))
     finally:
         flush_cache()
     stats.total = max(stats.total, stats.done)

@@ -25,9 +25,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENTRY_FIELDS = {
     "name", "model", "api_base", "api_key_env", "params", "price_per_million", "provider", "family",
     "tasks", "tiers", "enabled", "local_model", "max_concurrency", "timeout_s", "max_attempts", "notes",
-    "mode", "completion_template", "resources",
+    "mode", "completion_template", "resources", "client",
 }
 RESOURCE_FIELDS = {"max_memory_mb"}
+CLIENTS = ("http", "litellm")
 DEFAULTS = {"max_concurrency": 4, "timeout_s": 60.0, "max_attempts": 5}
 
 
@@ -55,6 +56,20 @@ class ModelSpec:
     completion_template: CompletionTemplate | None = None
     # The memory this model may take on this machine (the entry's `resources`, else the registry's); None: no limit.
     max_memory_mb: float | None = None
+    # "http", "litellm", or None for the rule in `transport`.
+    client: str | None = None
+
+    @property
+    def transport(self) -> str:
+        """How calls are sent: "http" (the lean OpenAI-compatible client) or "litellm".
+
+        The rule (models.yaml's header and the README say the same): an explicit `client` wins;
+        otherwise every `openai/` model string, which is litellm's name for OpenAI and for any
+        OpenAI-compatible server, goes over HTTP, and every other provider through litellm.
+        """
+        if self.client is not None:
+            return self.client
+        return "http" if self.litellm_model.startswith("openai/") else "litellm"
 
     @property
     def config_hash(self) -> str:
@@ -69,7 +84,13 @@ class ModelSpec:
         return (self.tasks is None or task_name in self.tasks) and (self.tiers is None or tier in self.tiers)
 
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        """The key a call sends (and the engine redacts). An `openai/` model without an endpoint or a
+        variable of its own uses OPENAI_API_KEY, as litellm would on its own."""
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env)
+        if self.api_base is None and self.litellm_model.startswith("openai/"):
+            return os.environ.get("OPENAI_API_KEY")
+        return None
 
     def public_record(self) -> dict[str, Any]:
         """The row stored in the warehouse `models` table (no secrets: only the variable's name)."""
@@ -248,6 +269,12 @@ def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServ
     elif raw.get("completion_template") is not None:
         raise fail("only used with mode: completion", "completion_template")
     limits = {**machine_limits, **_resource_limits(raw.get("resources"), "resources", fail)}
+    client = raw.get("client")
+    if client is not None and client not in CLIENTS:
+        raise fail(f"must be one of {', '.join(CLIENTS)} (omit it for the rule in this file's header), got {client!r}", "client")
+    if client == "http" and api_base is None and not raw["model"].startswith("openai/"):
+        raise fail("client: http needs an api_base (an OpenAI-compatible URL ending in /v1) for a model that is not openai/...",
+                   "client")
 
     return ModelSpec(
         name=name,
@@ -269,6 +296,7 @@ def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServ
         mode=mode,
         completion_template=template,
         max_memory_mb=limits.get("max_memory_mb"),
+        client=client,
     )
 
 

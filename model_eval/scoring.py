@@ -23,7 +23,8 @@ def score_results(results: pl.DataFrame, cases: pl.DataFrame, tasks: dict[str, T
     `results` has the inference_results columns; `cases` has golden_cases' (task, dataset_version, case_id, expected_json).
     """
     expected = {
-        (row["task"], row["dataset_version"], row["case_id"]): json.loads(row["expected_json"])
+        # A judge task's case may have no expected answer (NULL); pure scorers never see those tasks.
+        (row["task"], row["dataset_version"], row["case_id"]): json.loads(row["expected_json"]) if row["expected_json"] is not None else None
         for row in cases.select("task", "dataset_version", "case_id", "expected_json").iter_rows(named=True)
     }
     rows = []

@@ -141,6 +141,43 @@ CREATE TABLE IF NOT EXISTS production_pending_ratings (
 );
 """
 
+# Open-ended tasks: judge calls and their calibration against human verdicts (judge.py,
+# judge_calibration.py), pairwise win rates, and consensus across models (consensus.py).
+CREATE_JUDGE_TABLES = """
+CREATE TABLE IF NOT EXISTS judge_results (
+    eval_run_id VARCHAR, task VARCHAR, dataset_version VARCHAR, case_id VARCHAR, model VARCHAR, repeat INTEGER,
+    purpose VARCHAR, position VARCHAR, reference_model VARCHAR, judge_model VARCHAR, judge_config_hash VARCHAR,
+    rubric_hash VARCHAR, verdict_attempt INTEGER, final BOOLEAN, cache_key VARCHAR, response_text VARCHAR,
+    verdict_score DOUBLE, verdict_winner VARCHAR, verdict_reason VARCHAR, verdict_problem VARCHAR,
+    latency_ms DOUBLE, input_tokens BIGINT, output_tokens BIGINT, cost_usd DOUBLE, error_class VARCHAR,
+    error_message VARCHAR, attempts INTEGER, from_cache BOOLEAN, completed_at DOUBLE, judged_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS judge_calibrations (
+    eval_run_id VARCHAR, task VARCHAR, judge_model VARCHAR, judge_config_hash VARCHAR, rubric_hash VARCHAR,
+    calibration_file VARCHAR, calibration_hash VARCHAR, cases BIGINT, agreement DOUBLE, kappa DOUBLE,
+    kappa_low DOUBLE, kappa_high DOUBLE, human_pass_judge_pass BIGINT, human_pass_judge_fail BIGINT,
+    human_pass_judge_none BIGINT, human_fail_judge_pass BIGINT, human_fail_judge_fail BIGINT,
+    human_fail_judge_none BIGINT, unparseable BIGINT, min_kappa DOUBLE, min_kappa_source VARCHAR,
+    passed BOOLEAN, reason VARCHAR, calibrated_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS pairwise_win_rates (
+    eval_run_id VARCHAR, model VARCHAR, task VARCHAR, dataset_version VARCHAR, candidate_eval_run_id VARCHAR,
+    reference_model VARCHAR, reference_eval_run_id VARCHAR, judge_model VARCHAR, rubric_hash VARCHAR, cases BIGINT, comparisons BIGINT,
+    wins BIGINT, ties BIGINT, losses BIGINT, unresolved BIGINT, win_rate DOUBLE, win_rate_low DOUBLE,
+    win_rate_high DOUBLE, position_consistency DOUBLE, judged_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS consensus_answers (
+    eval_run_id VARCHAR, task VARCHAR, dataset_version VARCHAR, case_id VARCHAR, output_kind VARCHAR, method VARCHAR,
+    models_answering BIGINT, consensus_answer VARCHAR, consensus_text VARCHAR, consensus_model VARCHAR, supporters VARCHAR[],
+    agreement DOUBLE, tie_broken_by VARCHAR, reason VARCHAR, source_eval_runs VARCHAR[], computed_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS consensus_agreement (
+    eval_run_id VARCHAR, task VARCHAR, dataset_version VARCHAR, model VARCHAR, source_eval_run_id VARCHAR,
+    cases BIGINT, agreed BIGINT, agreement_rate DOUBLE, loo_cases BIGINT, loo_agreement_rate DOUBLE,
+    computed_at TIMESTAMP
+);
+"""
+
 # Columns added after a table first shipped: a warehouse created by an older version gains them here.
 MIGRATIONS = """
 ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS status VARCHAR;
@@ -149,7 +186,7 @@ ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS owner_process VARCHAR;
 ALTER TABLE golden_versions ADD COLUMN IF NOT EXISTS validation_key VARCHAR;
 """
 
-ALL_DDL = (SCHEMA, CREATE_PROMOTION_TABLES, CREATE_PRODUCTION_TABLES, MIGRATIONS)
+ALL_DDL = (SCHEMA, CREATE_PROMOTION_TABLES, CREATE_PRODUCTION_TABLES, CREATE_JUDGE_TABLES, MIGRATIONS)
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 
@@ -295,27 +332,31 @@ def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConn
 
 
 def replace_slice(conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame, where: dict[str, object]) -> int:
-    """Delete the rows matching `where` and insert `frame`, in one transaction. Returns rows inserted.
+    """Delete the rows matching `where` and insert `frame`, in one transaction. Returns rows inserted."""
+    with transaction(conn):
+        return replace_rows(conn, table, frame, where)
+
+
+def replace_rows(conn: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame, where: dict[str, object]) -> int:
+    """`replace_slice` inside a transaction the caller holds (several tables changed together).
 
     For `inference_results` and `scores` (Parquet slices), `where` must name the eval run and the model.
     """
     if table in warehouse_slices.SLICED_TABLES:
         if set(where) != {"eval_run_id", "model"}:
             raise ValueError(f"{table} is replaced one (eval_run_id, model) slice at a time, not by {sorted(where)}")
-        with transaction(conn):
-            conn.register("incoming_rows", frame.to_arrow())
-            try:
-                return warehouse_slices.write_slice(conn, table, str(where["eval_run_id"]), str(where["model"]),
-                                                    "SELECT * FROM incoming_rows")
-            finally:
-                conn.unregister("incoming_rows")
-    predicate = " AND ".join(f"{column} = ?" for column in where) or "TRUE"
-    with transaction(conn):
-        conn.execute(f"DELETE FROM {table} WHERE {predicate}", list(where.values()))
-        if frame.height:
-            conn.register("incoming_rows", frame.to_arrow())
-            conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
+        conn.register("incoming_rows", frame.to_arrow())
+        try:
+            return warehouse_slices.write_slice(conn, table, str(where["eval_run_id"]), str(where["model"]),
+                                                "SELECT * FROM incoming_rows")
+        finally:
             conn.unregister("incoming_rows")
+    predicate = " AND ".join(f"{column} = ?" for column in where) or "TRUE"
+    conn.execute(f"DELETE FROM {table} WHERE {predicate}", list(where.values()))
+    if frame.height:
+        conn.register("incoming_rows", frame.to_arrow())
+        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
+        conn.unregister("incoming_rows")
     return frame.height
 
 

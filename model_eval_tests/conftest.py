@@ -38,10 +38,14 @@ def log() -> ListLog:
 
 
 def copy_golden(target: Path, cases_per_task: int | None = None, tasks: list[str] | None = None) -> Path:
-    """Copy the shipped golden sets; optionally keep only the first N cases of each (balanced for verdicts)."""
+    """Copy the shipped golden sets; optionally keep only the first N cases of each (balanced for verdicts).
+
+    Without `tasks`, the judge-scored task is left out: it needs its judge model in the test's registry,
+    so tests that exercise it ask for it by name."""
     shutil.copytree(PROJECT_ROOT / "golden", target, ignore=shutil.ignore_patterns("README.md"))
     for folder in list(target.iterdir()):
-        if tasks is not None and folder.name not in tasks:
+        judged = "name: judge" in (folder / "task.yaml").read_text()
+        if (tasks is not None and folder.name not in tasks) or (tasks is None and judged):
             shutil.rmtree(folder)
             continue
         if cases_per_task is None:

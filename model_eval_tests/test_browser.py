@@ -109,11 +109,27 @@ def _dismiss_welcome(driver) -> None:
         button.click()
 
 
+def _click_plots_tab(driver) -> bool:
+    """Click the asset page's Plots tab; False (try again) while a late dialog or re-render is in the way."""
+    from selenium.common.exceptions import WebDriverException
+
+    _dismiss_welcome(driver)
+    try:
+        driver.find_element("xpath", "//button[normalize-space()='Plots']").click()
+    except WebDriverException:
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()  # a dialog without a Skip button closes on Escape
+        return False
+    return True
+
+
 def test_recommendations_asset_page_shows_the_per_task_metadata_and_plots_it(project, dagster_ui):
     with chromium(1400, 1000) as driver:
         driver.get(f"{dagster_ui}/assets/recommendations")
         _wait(driver, lambda d: "grading/champion_accuracy_low" in d.find_element("tag name", "body").text,
-              timeout=120, what="the per-task metadata on the asset page")
+              timeout=180, what="the per-task metadata on the asset page")
         _dismiss_welcome(driver)
         text = driver.find_element("tag name", "body").text
         for task in TASKS:
@@ -123,9 +139,9 @@ def test_recommendations_asset_page_shows_the_per_task_metadata_and_plots_it(pro
         driver.save_screenshot(str(artifact("asset-page-metadata.png")))
 
         # The UI's own plots of the float metadata across the two materializations.
-        driver.find_element("xpath", "//button[normalize-space()='Plots']").click()
+        _wait(driver, _click_plots_tab, timeout=120, what="the Plots tab to take a click")
         _wait(driver, lambda d: "grading/champion_accuracy" in d.find_element("tag name", "body").text
-              and d.find_elements("css selector", "canvas, svg.recharts-surface"), timeout=60, what="the metadata plots")
+              and d.find_elements("css selector", "canvas, svg.recharts-surface"), timeout=120, what="the metadata plots")
         heading = driver.find_element("xpath", "//*[normalize-space()='Metadata']")
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", heading)
         driver.save_screenshot(str(artifact("asset-page-plots.png")))

@@ -1,7 +1,8 @@
 """Completion mode against the real llama.cpp server: Gemma-3-270M (a base model) asked as base models are.
 
 The registry's own gemma3-270m entry (mode, template, stop) and the shipped employer task (with its
-few-shot examples) go through the inference engine and real litellm to the server's /v1/completions.
+few-shot examples) go through the inference engine to the server's /v1/completions, on both call
+paths: the lean HTTP client (the registry's rule for openai/ models) and real litellm.
 The postings here are written for this test, not taken from any golden set.
 """
 
@@ -52,8 +53,10 @@ def gemma(tmp_path_factory):
         yield replace(spec, api_base=server.api_base)
 
 
-def test_gemma_answers_the_employer_task_through_the_text_endpoint(gemma, tmp_path):
-    assert gemma.mode == "completion"
+@pytest.mark.parametrize("client", ["http", "litellm"])
+def test_gemma_answers_the_employer_task_through_the_text_endpoint(gemma, tmp_path, client):
+    assert gemma.mode == "completion" and gemma.transport == "http"
+    gemma = replace(gemma, client=client)
     task = load_tasks(PROJECT_ROOT / "golden", only=["employer"])[0]
     task = replace(task, repeats=1)
     cases = pl.DataFrame({"task": ["employer"] * 2, "dataset_version": [task.dataset_version] * 2,

@@ -1,8 +1,9 @@
-"""The inference engine against a scripted local OpenAI-compatible server, through real litellm.
+"""The inference engine against a scripted local OpenAI-compatible server, on both of its paths.
 
-Nothing is mocked between `run_model` and the HTTP socket: the requests go through litellm and the
-OpenAI SDK exactly as they would to a provider, and the fake server (a test double) decides each
-answer and counts every request, so the tests can assert exact call counts.
+Every engine test runs twice (the `client` fixture): through real litellm and the OpenAI SDK, and
+through the lean HTTP client (`model_eval.http_client`). Nothing is mocked between `run_model` and
+the HTTP socket; the fake server (a test double) decides each answer and counts every request, so
+the tests can assert exact call counts, and the two paths must pass the same assertions.
 
 Timeouts, backoff and Retry-After caps are shrunk so the whole module runs in a few seconds.
 """
@@ -24,6 +25,7 @@ import polars as pl  # noqa: E402
 import pytest  # noqa: E402
 
 from model_eval.inference import CallRequest, RetryPolicy, iter_requests, run_model  # noqa: E402
+from model_eval.prompts import build_input  # noqa: E402
 from model_eval.registry import ModelSpec  # noqa: E402
 from model_eval.response_cache import ResponseCache, cache_key  # noqa: E402
 from model_eval_tests.fake_openai_server import (  # noqa: E402
@@ -59,12 +61,49 @@ def api_key(monkeypatch):
     return SECRET
 
 
-def make_spec(server: FakeOpenAIServer, **overrides) -> ModelSpec:
+def spec_for(server: FakeOpenAIServer, client: str, **overrides) -> ModelSpec:
     fields = dict(name="fake-model", litellm_model="openai/fake", provider="openai", family="fake",
                   api_base=server.api_base, api_key_env=KEY_ENV, price_input_per_million=PRICE_IN,
-                  price_output_per_million=PRICE_OUT, max_concurrency=8, timeout_s=1.0, max_attempts=3)
+                  price_output_per_million=PRICE_OUT, max_concurrency=8, timeout_s=1.0, max_attempts=3, client=client)
     fields.update(overrides)
     return ModelSpec(**fields)
+
+
+@pytest.fixture(params=["litellm", "http"])
+def client(request) -> str:
+    """Every engine test runs on both paths: litellm, and the lean OpenAI-compatible HTTP client."""
+    if request.param == "litellm":
+        request.getfixturevalue("litellm_warmed_up")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def litellm_warmed_up():
+    """litellm's first async calls in a process spend a second or more setting it up; on a loaded machine
+    that exceeds the tests' 1 s timeouts and turns into a retry no test asked for."""
+    with FakeOpenAIServer() as srv:
+        async def warm():
+            for call in (litellm.acompletion(messages=[{"role": "user", "content": "warm"}], **kwargs),
+                         litellm.atext_completion(prompt="warm", **kwargs)):
+                await call
+        kwargs = dict(model="openai/fake", api_base=srv.api_base, api_key="sk-no-key", num_retries=0, max_retries=0)
+        asyncio.run(warm())
+
+
+@pytest.fixture
+def make_spec(client):
+    return lambda server, **overrides: spec_for(server, client, **overrides)
+
+
+def wait_for_stragglers(server: FakeOpenAIServer, quiet_s: float = 0.3, limit_s: float = 10.0) -> None:
+    """Let the server finish requests a cancelled run had already sent (it counts a request once answered)."""
+    deadline = time.monotonic() + limit_s
+    seen = server.total
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        if server.total == seen:
+            return
+        seen = server.total
 
 
 def prompt(i: int, prefix: str = "case") -> str:
@@ -119,7 +158,7 @@ def test_fake_server_lists_models_and_counts_exactly(server):
 
 
 # ---------------------------------------------------------------- success and accounting
-def test_instant_success_fills_every_field(server, cache):
+def test_instant_success_fills_every_field(server, cache, make_spec):
     server.script = always(ok("PASS", prompt_tokens=40, completion_tokens=2))
     spec = make_spec(server)
     requests = make_requests(spec, 12, repeats=2)
@@ -139,7 +178,7 @@ def test_instant_success_fills_every_field(server, cache):
     assert (stats.done, stats.errors, stats.retries, stats.unknown_cost) == (24, 0, 0, 0)
 
 
-def test_nonsense_text_is_a_successful_call(server, cache):
+def test_nonsense_text_is_a_successful_call(server, cache, make_spec):
     server.script = always(nonsense("purple monkey dishwasher }{"))
     spec = make_spec(server)
     requests = make_requests(spec, 5)
@@ -152,7 +191,7 @@ def test_nonsense_text_is_a_successful_call(server, cache):
 
 
 # ---------------------------------------------------------------- retries
-def test_rate_limit_is_retried_after_the_retry_after_header(server, cache):
+def test_rate_limit_is_retried_after_the_retry_after_header(server, cache, make_spec):
     server.script = fail_first(1, rate_limited(retry_after=0.15))
     spec = make_spec(server)
     requests = make_requests(spec, 4)
@@ -168,7 +207,7 @@ def test_rate_limit_is_retried_after_the_retry_after_header(server, cache):
         assert times[1] - times[0] >= 0.15, f"{text}: retried after {times[1] - times[0]:.3f}s"
 
 
-def test_retry_after_longer_than_the_cap_is_capped(server, cache):
+def test_retry_after_longer_than_the_cap_is_capped(server, cache, make_spec):
     server.script = fail_first(1, rate_limited(retry_after=30))
     spec = make_spec(server)
     requests = make_requests(spec, 3)
@@ -182,7 +221,7 @@ def test_retry_after_longer_than_the_cap_is_capped(server, cache):
     assert time.monotonic() - started < 10
 
 
-def test_server_error_is_retried_then_succeeds(server, cache):
+def test_server_error_is_retried_then_succeeds(server, cache, make_spec):
     server.script = fail_first(2, server_error(500))
     spec = make_spec(server, max_attempts=3)
     requests = make_requests(spec, 6)
@@ -195,7 +234,7 @@ def test_server_error_is_retried_then_succeeds(server, cache):
     assert stats.retries == 12 and stats.sent == server.total == 18
 
 
-def test_server_error_every_time_stops_at_max_attempts(server, cache):
+def test_server_error_every_time_stops_at_max_attempts(server, cache, make_spec):
     server.script = always(server_error(503, "overloaded"))
     spec = make_spec(server, max_attempts=4)
     requests = make_requests(spec, 3)
@@ -209,7 +248,7 @@ def test_server_error_every_time_stops_at_max_attempts(server, cache):
     assert cache.count() == 0           # failures are never cached: the next run tries again
 
 
-def test_hang_past_timeout_is_retried_then_recorded_as_error(server, cache):
+def test_hang_past_timeout_is_retried_then_recorded_as_error(server, cache, make_spec):
     server.script = always(hang(seconds=5))
     spec = make_spec(server, timeout_s=0.3, max_attempts=3)
     requests = make_requests(spec, 2)
@@ -227,7 +266,7 @@ def test_hang_past_timeout_is_retried_then_recorded_as_error(server, cache):
     assert frame["latency_ms"].max() < 1500
 
 
-def test_one_hang_then_success(server, cache):
+def test_one_hang_then_success(server, cache, make_spec):
     server.script = fail_first(1, hang(seconds=5))
     spec = make_spec(server, timeout_s=0.3)
     frame, _ = run(spec, make_requests(spec, 3), cache)
@@ -239,7 +278,7 @@ def test_one_hang_then_success(server, cache):
 @pytest.mark.parametrize("reply", [garbage("<html>502 upstream confused</html>", "text/html"),
                                    garbage('{"choices": [ truncated', "application/json")],
                          ids=["html-body", "broken-json"])
-def test_garbage_body_is_an_error_not_a_crash(server, cache, reply):
+def test_garbage_body_is_an_error_not_a_crash(server, cache, reply, make_spec):
     server.script = always(reply)
     spec = make_spec(server, max_attempts=3)
     requests = make_requests(spec, 4)
@@ -255,7 +294,7 @@ def test_garbage_body_is_an_error_not_a_crash(server, cache, reply):
     assert cache.count() == 0
 
 
-def test_mixed_failures_give_exactly_one_row_per_request(server, cache):
+def test_mixed_failures_give_exactly_one_row_per_request(server, cache, make_spec):
     server.script = random_mix(seed=7, fractions={rate_limited(0.01): 0.15, server_error(500): 0.10,
                                                   server_error(502): 0.05, garbage(): 0.05, nonsense(): 0.10})
     spec = make_spec(server, max_concurrency=16, max_attempts=4)
@@ -271,7 +310,7 @@ def test_mixed_failures_give_exactly_one_row_per_request(server, cache):
 
 
 # ---------------------------------------------------------------- cache, resume
-def test_unchanged_rerun_sends_nothing(server, cache, tmp_path):
+def test_unchanged_rerun_sends_nothing(server, cache, tmp_path, make_spec):
     server.script = always(ok("FAIL", prompt_tokens=30, completion_tokens=1))
     spec = make_spec(server)
     requests = make_requests(spec, 20, repeats=3)
@@ -290,7 +329,7 @@ def test_unchanged_rerun_sends_nothing(server, cache, tmp_path):
     assert second.select(columns).equals(first.select(columns))
 
 
-def test_rerun_resends_only_the_failed_calls(server, cache):
+def test_rerun_resends_only_the_failed_calls(server, cache, make_spec):
     # Prompts of case 3 and 7 fail every time on the first run; everything else succeeds.
     server.script = route([("case 3:", always(server_error(500))), ("case 7:", always(server_error(500)))])
     spec = make_spec(server, max_attempts=2)
@@ -309,7 +348,7 @@ def test_rerun_resends_only_the_failed_calls(server, cache):
 
 # litellm builds a coroutine it has not awaited yet when the cancel lands; that is litellm's, not a leak of ours.
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-def test_interrupted_run_resumes_without_resending_finished_calls(server, cache):
+def test_interrupted_run_resumes_without_resending_finished_calls(server, cache, make_spec):
     server.script = always(ok())
     spec = make_spec(server, max_concurrency=4)
     requests = make_requests(spec, 40)
@@ -326,6 +365,7 @@ def test_interrupted_run_resumes_without_resending_finished_calls(server, cache)
         assert run_task in done and run_task.cancelled()
 
     asyncio.run(interrupted_run())
+    wait_for_stragglers(server)
     finished = cache.count()
     assert 10 <= finished < 40
     finished_prompts = {r.last_message for r in server.records if r.label == "ok"}
@@ -345,7 +385,7 @@ def test_interrupted_run_resumes_without_resending_finished_calls(server, cache)
     assert finished_prompts >= {prompt(int(r.case_id[-4:])) for r in requests if r.key in cached_keys}
 
 
-def test_partial_cache_from_an_earlier_run_is_reused(server, cache):
+def test_partial_cache_from_an_earlier_run_is_reused(server, cache, make_spec):
     server.script = always(ok())
     spec = make_spec(server)
     requests = make_requests(spec, 30)
@@ -357,13 +397,15 @@ def test_partial_cache_from_an_earlier_run_is_reused(server, cache):
     assert frame["from_cache"].sum() == 12 and stats.sent == 18
 
 
-def test_golden_sets_through_the_request_generator(server, cache):
+def test_golden_sets_through_the_request_generator(server, cache, make_spec):
     from model_eval.golden import load_tasks, read_cases
 
     tasks = load_tasks(GOLDEN_DIR)
     cases = pl.concat([read_cases(t) for t in tasks])
     server.script = random_mix(seed=11, fractions={rate_limited(0.01): 0.1, server_error(500): 0.1})
-    spec = make_spec(server, max_concurrency=16, max_attempts=5)
+    # A generous deadline: on a loaded machine a 1 s one can expire before a request reaches the
+    # server, and this test counts requests, not deadlines (those have tests of their own).
+    spec = make_spec(server, max_concurrency=16, max_attempts=5, timeout_s=15.0)
     requests = list(iter_requests(spec, tasks, cases.sort("task", "case_id").iter_rows(named=True)))
     assert len(requests) == sum(t.repeats * cases.filter(pl.col("task") == t.name).height for t in tasks)
 
@@ -377,7 +419,7 @@ def test_golden_sets_through_the_request_generator(server, cache):
 
 
 # ---------------------------------------------------------------- cost and secrets
-def test_unknown_price_is_null_never_zero(server, cache):
+def test_unknown_price_is_null_never_zero(server, cache, make_spec):
     server.script = always(ok(prompt_tokens=50, completion_tokens=3))
     spec = make_spec(server, price_input_per_million=None, price_output_per_million=None,
                      litellm_model="openai/fake-model-litellm-cannot-price")
@@ -390,7 +432,7 @@ def test_unknown_price_is_null_never_zero(server, cache):
     assert again["from_cache"].all() and again["cost_usd"].null_count() == 5
 
 
-def test_price_from_litellm_map_when_the_registry_has_none(server, cache):
+def test_price_from_litellm_map_when_the_registry_has_none(server, cache, make_spec):
     server.script = always(ok(prompt_tokens=1000, completion_tokens=100))
     spec = make_spec(server, price_input_per_million=None, price_output_per_million=None,
                      litellm_model="openai/gpt-4o-mini")
@@ -400,7 +442,7 @@ def test_price_from_litellm_map_when_the_registry_has_none(server, cache):
 
 
 @pytest.mark.parametrize("status,attempts", [(401, 1), (500, 3)])
-def test_api_key_echoed_in_a_server_error_is_redacted(server, cache, status, attempts):
+def test_api_key_echoed_in_a_server_error_is_redacted(server, cache, status, attempts, make_spec):
     server.script = always(server_error(status, "Incorrect API key provided", echo_key=True))
     spec = make_spec(server, max_attempts=3)
     frame, _ = run(spec, make_requests(spec, 2), cache)
@@ -413,7 +455,7 @@ def test_api_key_echoed_in_a_server_error_is_redacted(server, cache, status, att
 
 
 # ---------------------------------------------------------------- regressions: bugs found in the engine and fixed
-def test_timeout_is_a_deadline_for_the_whole_call(server, cache):
+def test_timeout_is_a_deadline_for_the_whole_call(server, cache, make_spec):
     server.script = always(slow_body(seconds=2.0, chunks=10))     # each read 0.2 s: under the 0.3 s timeout
     spec = make_spec(server, timeout_s=0.3, max_attempts=1)
     started = time.monotonic()
@@ -422,7 +464,7 @@ def test_timeout_is_a_deadline_for_the_whole_call(server, cache):
     assert frame["error_class"][0] is not None
 
 
-def test_a_failing_progress_callback_does_not_duplicate_rows(server, cache):
+def test_a_failing_progress_callback_does_not_duplicate_rows(server, cache, make_spec):
     server.script = always(ok())
     spec = make_spec(server)
     requests = make_requests(spec, 5)
@@ -440,7 +482,7 @@ def test_a_failing_progress_callback_does_not_duplicate_rows(server, cache):
 
 
 # ---------------------------------------------------------------- completion mode (base models)
-def test_completion_mode_goes_to_the_text_endpoint_with_prompt_stop_and_retries(server, cache):
+def test_completion_mode_goes_to_the_text_endpoint_with_prompt_stop_and_retries(server, cache, make_spec):
     from model_eval.golden import load_tasks
     from model_eval.prompts import CompletionTemplate
 
@@ -479,3 +521,151 @@ def test_completion_mode_goes_to_the_text_endpoint_with_prompt_stop_and_retries(
     chat_spec = make_spec(server)
     _, chat_stats = run(chat_spec, list(iter_requests(chat_spec, [task], cases.iter_rows(named=True))), cache)
     assert chat_stats.sent == len(requests) and {r.endpoint for r in server.records} == {"chat"}
+
+
+# ---------------------------------------------------------------- the two paths agree
+FAULTS = {
+    **{f"status-{status}": server_error(status, f"scripted {status}")
+       for status in (400, 401, 403, 404, 408, 409, 422, 429, 500, 501, 502, 503, 504, 520, 529)},
+    "context-window": server_error(400, "This model's maximum context length is 4097 tokens"),
+    "rate-limit-wording": server_error(400, "Rate limit reached for requests"),
+    "html-body": garbage("<html>502 upstream confused</html>", "text/html"),
+    "broken-json": garbage('{"choices": [ truncated', "application/json"),
+    "json-list": garbage("[1, 2]", "application/json"),
+    "hang": hang(seconds=6),                     # past the 2 s read timeout
+    "drip": slow_body(seconds=4.5, chunks=5),    # each read within it, the whole past the engine's 2.7 s deadline
+}
+
+
+@pytest.mark.parametrize("mode", ["chat", "completion"])
+def test_both_paths_record_the_same_error_class_for_each_fault(server, tmp_path, mode, litellm_warmed_up):
+    """litellm's own classification is the reference: the HTTP path must name each fault the same."""
+    from model_eval.prompts import CompletionTemplate
+
+    server.script = route([(f"fault {name}:", always(reply)) for name, reply in FAULTS.items()])
+    template = CompletionTemplate(system="{text}\n\n", user="{text}", assistant=" {text}\n\n", stop=("\n\n",))
+    extra = {"mode": "completion", "completion_template": template} if mode == "completion" else {}
+    classes = {}
+    for client in ("litellm", "http"):
+        spec = spec_for(server, client, timeout_s=2.0, max_attempts=1, max_concurrency=len(FAULTS), **extra)
+        requests = []
+        for name in FAULTS:
+            asked = build_input([{"role": "user", "content": f"fault {name}: PASS or FAIL?"}], spec.mode, spec.completion_template)
+            requests.append(CallRequest("grading", "v1", name, 0, asked.messages, dict(PARAMS),
+                                        cache_key(spec.config_hash, asked.messages, PARAMS, 0), asked.prompt, asked.stop))
+        with ResponseCache(tmp_path / f"{client}.sqlite") as own_cache:
+            frame, _ = run(spec, requests, own_cache)
+        classes[client] = dict(zip(frame["case_id"], frame["error_class"]))
+    assert None not in classes["litellm"].values(), classes["litellm"]
+    differing = {name: (classes["litellm"][name], classes["http"][name]) for name in FAULTS
+                 if classes["litellm"][name] != classes["http"][name]}
+    assert not differing, f"(litellm, http) error_class per fault: {differing}"
+
+
+def test_a_refused_connection_is_the_same_error_on_both_paths(tmp_path, litellm_warmed_up):
+    import socket
+
+    with socket.socket() as probe:          # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    seen = {}
+    for client in ("litellm", "http"):
+        spec = ModelSpec(name="nobody", litellm_model="openai/fake", provider="openai", family="fake",
+                         api_base=f"http://127.0.0.1:{port}/v1", price_input_per_million=0.0, price_output_per_million=0.0,
+                         timeout_s=1.0, max_attempts=2, client=client)
+        with ResponseCache(tmp_path / f"{client}.sqlite") as own_cache:
+            frame, _ = run(spec, make_requests(spec, 2), own_cache)
+        assert frame["attempts"].to_list() == [2, 2]       # retried: a connection error is transient
+        seen[client] = set(frame["error_class"])
+    assert seen["http"] == seen["litellm"], seen
+
+
+def test_http_path_keeps_connections_open_across_calls(cache):
+    """One session per run: 200 calls at concurrency 4 reuse a handful of TCP connections."""
+    from aiohttp import web
+
+    peers: list[tuple] = []
+
+    async def chat(request):
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.json_response({"choices": [{"message": {"content": "PASS"}, "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            spec = ModelSpec(name="pool", litellm_model="openai/fake", provider="openai", family="fake",
+                             api_base=f"http://127.0.0.1:{port}/v1", price_input_per_million=0.0,
+                             price_output_per_million=0.0, max_concurrency=4, timeout_s=5.0, client="http")
+            return await run_model(spec, make_requests(spec, 200), cache, retry=FAST_RETRY)
+        finally:
+            await runner.cleanup()
+
+    frame, stats = asyncio.run(scenario())
+    assert stats.sent == len(peers) == 200 and frame["error_class"].null_count() == 200
+    assert len(set(peers)) <= 8, f"{len(set(peers))} connections for 200 calls at concurrency 4"
+
+
+def test_http_path_never_imports_litellm(tmp_path):
+    """The point of the lean path: a run over it (prices from the map included) never loads litellm."""
+    import subprocess
+    import sys
+
+    script = f"""
+import asyncio, sys
+from pathlib import Path
+from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, ok
+from model_eval.inference import CallRequest, run_model
+from model_eval.registry import ModelSpec
+from model_eval.response_cache import ResponseCache, cache_key
+with FakeOpenAIServer(always(ok(prompt_tokens=100, completion_tokens=10))) as server, \\
+        ResponseCache(Path({str(tmp_path)!r}) / "c.sqlite") as cache:
+    spec = ModelSpec(name="m", litellm_model="openai/gpt-4o-mini", provider="openai", family="gpt-4o",
+                     api_base=server.api_base, timeout_s=5.0)
+    messages = [[{{"role": "user", "content": f"case {{i}}"}}] for i in range(5)]
+    requests = [CallRequest("grading", "v1", f"c{{i}}", 0, m, {{}}, cache_key(spec.config_hash, m, {{}}, 0))
+                for i, m in enumerate(messages)]
+    frame, stats = asyncio.run(run_model(spec, requests, cache))
+assert spec.transport == "http" and stats.errors == 0 and frame["cost_usd"].null_count() == 0, frame
+print("litellm" in sys.modules)
+"""
+    # A child process: this test module itself has imported litellm.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-3-5-haiku-20241022", "gemini/gemini-2.0-flash",
+                                   "gpt-4o", "openai/no-such-model"])
+def test_cost_from_the_price_map_agrees_with_litellm(model):
+    """Both paths price tokens from the map read as a file (model_map); litellm's own arithmetic is the reference."""
+    from model_eval.inference import CostCalculator
+
+    try:
+        expected = sum(litellm.cost_per_token(model=model, prompt_tokens=1234, completion_tokens=56))
+    except Exception:  # noqa: BLE001 - litellm raises for models it does not price
+        expected = None
+    spec = ModelSpec(name="m", litellm_model=model, provider="x", family="x")
+    got = CostCalculator(spec)(1234, 56)
+    assert (got is None) == (expected is None), (got, expected)
+    if expected is not None:
+        assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_http_path_honours_the_proxy_environment_like_litellm(monkeypatch):
+    from model_eval.http_client import proxy_for
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert proxy_for("https://api.openai.com/v1") == "http://proxy.internal:3128"
+    assert proxy_for("http://127.0.0.1:8000/v1") is None          # no http proxy set, and bypassed anyway
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    assert proxy_for("http://127.0.0.1:8000/v1") is None          # NO_PROXY
+    assert proxy_for("http://gateway.internal/v1") == "http://proxy.internal:3128"

@@ -72,6 +72,8 @@ def test_a_key_in_the_environment_is_used_but_never_stored(paths, log, monkeypat
      ["models[0].completion_template", "only used with mode: completion"]),
     ("- name: ok\n    model: openai/x\n    mode: completion\n    completion_template: {system: '{text}', user: 'Q', assistant: '{text}', stop: [x]}",
      ["line 2", "models[0].completion_template.user", "exactly one {text}"]),
+    ("- name: ok\n    model: openai/x\n    client: aiohttp", ["models[0].client", "http, litellm"]),
+    ("- name: ok\n    model: ollama/llama3.2\n    client: http", ["models[0].client", "needs an api_base"]),
 ])
 def test_malformed_entries_name_line_and_field(tmp_path, entry, words):
     path = _write(tmp_path, "models:\n  " + entry + "\n")
@@ -124,3 +126,29 @@ def test_the_shipped_base_model_is_evaluated_in_completion_mode(paths):
     registry = load_registry(paths.registry_file)
     assert registry.get("gemma3-270m").mode == "completion"
     assert registry.get("smollm2-135m").mode == "chat"
+
+
+def test_the_call_path_follows_the_documented_rule(tmp_path, monkeypatch):
+    text = """models:
+  - {name: vllm, model: openai/meta-llama/Llama-3.1-8B, api_base: "http://127.0.0.1:8000/v1"}
+  - {name: hosted-openai, model: openai/gpt-4o-mini}
+  - {name: forced-litellm, model: openai/gpt-4o-mini, client: litellm}
+  - {name: claude, model: anthropic/claude-3-5-haiku-20241022, api_key_env: ANTHROPIC_API_KEY}
+  - {name: ollama-native, model: ollama/llama3.2, api_base: "http://127.0.0.1:11434"}
+  - {name: ollama-v1, model: ollama/llama3.2, api_base: "http://127.0.0.1:11434/v1", client: http}
+"""
+    registry = load_registry(_write(tmp_path, text))
+    paths = {spec.name: spec.transport for spec in registry.models}
+    assert paths == {"vllm": "http", "hosted-openai": "http", "forced-litellm": "litellm", "claude": "litellm",
+                     "ollama-native": "litellm", "ollama-v1": "http"}
+    from model_eval.http_client import endpoint_of
+
+    assert endpoint_of(registry.get("vllm")) == ("http://127.0.0.1:8000/v1", "meta-llama/Llama-3.1-8B")
+    assert endpoint_of(registry.get("hosted-openai")) == ("https://api.openai.com/v1", "gpt-4o-mini")
+    assert endpoint_of(registry.get("ollama-v1")) == ("http://127.0.0.1:11434/v1", "llama3.2")
+    # The client is how calls travel, not what answers: cached answers stay valid when it changes.
+    assert registry.get("hosted-openai").config_hash == registry.get("forced-litellm").config_hash
+    # OpenAI's own API without a variable named: OPENAI_API_KEY, as litellm reads it (and so it is redacted).
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-0123")
+    assert registry.get("hosted-openai").api_key() == "sk-env-0123"
+    assert registry.get("vllm").api_key() is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -132,12 +131,11 @@ def test_non_string_reply_does_not_raise(name, expected, settings):
 
 
 @pytest.mark.parametrize(("name", "expected", "settings"), SCORER_CASES)
-def test_huge_garbage_reply_is_scored_quickly(name, expected, settings):
+def test_huge_garbage_reply_is_scored_zero_without_raising(name, expected, settings):
+    # How fast scoring is belongs to benchmarks/ (scoring 100,000 rows); here only that it copes.
     huge = ('{"a": "x' + "{" * 10) * 20_000 + " blah " * 100_000  # ~1 MB of braces and noise
-    started = time.perf_counter()
     result = score(name, huge, expected, settings)
-    assert time.perf_counter() - started < 5
-    assert result.correct is False
+    assert result.correct is False and result.value == 0.0
 
 
 @pytest.mark.parametrize(("name", "expected", "settings"), SCORER_CASES)

@@ -63,8 +63,8 @@ def test_ui_loads_the_asset_graph_jobs_and_partitions(webserver):
     assert [e["name"] for e in entries] == ["model_eval"]
     assert entries[0]["locationOrLoadError"]["__typename"] == "RepositoryLocation", entries
     nodes = {n["assetKey"]["path"][0]: n for n in data["assetNodes"]}
-    assert set(nodes) == {"golden_cases", "model_registry", "inference_results", "scores", "model_task_metrics", "model_drift",
-                          "recommendations", "production_calls", "model_assignments"}
+    assert set(nodes) == {"golden_cases", "model_registry", "inference_results", "scores", "consensus", "pairwise_win_rates",
+                          "model_task_metrics", "model_drift", "recommendations", "production_calls", "model_assignments"}
     assert nodes["inference_results"]["isPartitioned"] and nodes["scores"]["isPartitioned"]
     assert not nodes["recommendations"]["isPartitioned"]
     jobs = _graphql(webserver, """{ repositoriesOrError { ... on RepositoryConnection { nodes { jobs { name } } } } }""")

@@ -15,6 +15,7 @@ refresh_model_job = dg.define_asset_job(
     "refresh_model", selection=["golden_cases", "model_registry", "inference_results", "scores"],
     description="Ingest golden sets, sync the registry, then run and score one model (partition).")
 recommend_job = dg.define_asset_job(
-    "recommend", selection=["model_task_metrics", "model_drift", "recommendations", "production_calls", "model_assignments"],
-    description="Recompute metrics and drift, pick a champion and runner-up per task, write the report, then gate and "
-                "stage promotions.")
+    "recommend", selection=["consensus", "pairwise_win_rates", "model_task_metrics", "model_drift", "recommendations",
+                            "production_calls", "model_assignments"],
+    description="Consensus and pairwise win rates across models, recompute metrics and drift, pick a champion and runner-up "
+                "per task, write the report, then gate and stage promotions.")

@@ -37,6 +37,12 @@ def build_summary(data: ReportData, changes: RunChanges, report_path: Path | Non
     run = data.run
     when = f" ({run['trigger']}, started {run['started_at']:%Y-%m-%d %H:%M} UTC)" if run else ""
     lines.append(f"Evaluation run {data.eval_run_id}{when}.")
+    # Cost and report first: chat channels cut long messages, and these two lines matter most.
+    if data.run_cost_usd is None:
+        cost = f"unknown ({data.unpriced_calls} call(s) have no known price)"
+    else:
+        cost = f"${data.run_cost_usd:.4f} for the calls sent in this run"
+    lines += [f"Cost: {cost}.", f"Report: {report_path if report_path is not None else 'not written'}"]
 
     lines += ["", "Champion per task:"]
     for section in data.tasks:
@@ -59,14 +65,8 @@ def build_summary(data: ReportData, changes: RunChanges, report_path: Path | Non
     drift_rows = [r for s in data.tasks if not s.drift.is_empty() for r in s.drift.iter_rows(named=True)]
     flagged = [r for r in drift_rows if r["drifted"]]
     lines += ["", f"Drift ({len(drift_rows)} paired comparison(s) with earlier fresh answers):"]
-    lines += [f"- {r['model']} on {r['task']}: {r['detail']}" for r in flagged] or [
+    lines += [f"- {r['model']} on {r['task']}: {_drift_line(r)}" for r in flagged] or [
         "- none detected" if drift_rows else "- not measured: no model was asked the same requests anew in an earlier run"]
-
-    if data.run_cost_usd is None:
-        cost = f"unknown ({data.unpriced_calls} call(s) have no known price)"
-    else:
-        cost = f"${data.run_cost_usd:.4f} for the calls sent in this run"
-    lines += ["", f"Cost: {cost}.", f"Report: {report_path if report_path is not None else 'not written'}"]
 
     bad = len(regressions) + sum(1 for r in flagged if r["direction"] == "worse")
     title = (f"weekly summary {data.eval_run_id}: {len(changed)} change(s), {len(regressions)} regression(s), "
@@ -76,6 +76,13 @@ def build_summary(data: ReportData, changes: RunChanges, report_path: Path | Non
              "regressions": len(regressions), "drift_flags": len(flagged), "run_cost_usd": data.run_cost_usd,
              "report": str(report_path) if report_path is not None else None}
     return Summary(title=title, text="\n".join(lines), severity="warning" if bad else "info", facts=facts)
+
+
+def _drift_line(row: dict) -> str:
+    unit, digits = ("", 3) if row["metric"] == "accuracy" else (" ms", 0)
+    return (f"{row['metric']} {row['direction']}, "
+            f"{row['baseline_value']:.{digits}f}{unit} -> {row['current_value']:.{digits}f}{unit} on "
+            f"{row['paired_cases']} paired cases, Holm-adjusted p={row['p_value_holm']:.2g} (vs run {row['baseline_eval_run_id']})")
 
 
 def _changes(data: ReportData, changes: RunChanges) -> list[str]:
@@ -111,11 +118,7 @@ def _regressions(data: ReportData, changes: RunChanges) -> list[str]:
     for section in data.tasks:
         for r in (section.drift.filter(pl.col("drifted") & (pl.col("direction") == "worse")).iter_rows(named=True)
                   if not section.drift.is_empty() else []):
-            unit = "" if r["metric"] == "accuracy" else " ms"
-            digits = 3 if r["metric"] == "accuracy" else 0
-            out.append(f"{r['model']} on {section.task}: {r['metric']} worse, {r['baseline_value']:.{digits}f}{unit} -> "
-                       f"{r['current_value']:.{digits}f}{unit} on {r['paired_cases']} paired cases "
-                       f"(Holm-adjusted p={r['p_value_holm']:.2g}; drift since run {r['baseline_eval_run_id']})")
+            out.append(f"{r['model']} on {section.task}: {_drift_line(r)}")
         before = changes.previous.get(section.task)
         if before is not None and before["champion"] and section.champion is None and before["dataset_version"] == section.dataset_version:
             out.append(f"{section.task}: {before['champion']} no longer qualifies and no other model does")

@@ -110,6 +110,10 @@ class Scorer(ABC):
     #: Setting keys this scorer understands; anything else is reported as a
     #: typo by `validate_settings`.
     allowed_settings: ClassVar[frozenset[str]] = frozenset()
+    #: Whether golden cases must carry an `expected` answer (the judge scorer does without).
+    needs_expected: ClassVar[bool] = True
+    #: Whether scoring calls a model; such scorers are run by the judging step, not by `score`.
+    needs_model_calls: ClassVar[bool] = False
 
     def score(self, response: str | None, expected: Any, settings: Mapping[str, Any] | None = None) -> Score:
         """Score one reply. Never raises, whatever the reply contains."""

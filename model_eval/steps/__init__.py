@@ -7,7 +7,8 @@ leaves the warehouse exactly as it was.
 | --- | --- |
 | `golden.py` | golden_cases |
 | `models.py` | model_registry (and the initial assignments) |
-| `evaluation.py` | inference_results, scores |
+| `evaluation.py` | inference_results, scores (judge tasks' scores: `judging.py`) |
+| `consensus.py`, `pairwise.py` | consensus, pairwise_win_rates |
 | `recommendation.py` | model_task_metrics, recommendations |
 | `promotion.py` | production_calls, model_assignments |
 | `report.py` | model_drift; the report `recommendations` and `model_assignments` write; the summary after a scheduled run |

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import shutil
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -15,8 +17,9 @@ from model_eval.inference import ProgressFn, RetryPolicy, RunStats, iter_request
 from model_eval.project import Project
 from model_eval.registry import ModelSpec
 from model_eval.response_cache import ResponseCache
-from model_eval.scoring import score_results
+from model_eval.scoring import SCORE_SCHEMA, score_results
 from model_eval.steps._common import Log, utc_now
+from model_eval.steps.judging import Judging, judge_model_results
 from model_eval.warehouse_slices import no_rows, write_slice
 
 CURRENT_CASE_COUNTS = """
@@ -30,7 +33,7 @@ FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_ha
 WHERE v.is_current AND list_contains($tasks::VARCHAR[], c.task)"""
 
 CURRENT_EXPECTED_ANSWERS = """
-SELECT DISTINCT c.task, c.dataset_version, c.case_id, c.expected_json
+SELECT DISTINCT c.task, c.dataset_version, c.case_id, c.expected_json, c.inputs_json
 FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash) WHERE v.is_current"""
 
 
@@ -136,9 +139,20 @@ def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:
     eval_runs.record_results(conn, eval_run_id, trigger)
 
 
-def score_model(project: Project, model_name: str, eval_run_id: str | None, log: Log) -> pl.DataFrame:
-    """Score the model's results of `eval_run_id` (or its newest eval run); replaces that slice of `scores`."""
+@dataclass(frozen=True)
+class ModelScores:
+    scores: pl.DataFrame
+    judging: Judging          # what the judge tasks' judges did (calibration, calls, win rates), empty without judge tasks
+
+
+def score_model(project: Project, model_name: str, eval_run_id: str | None, log: Log, *, retry: RetryPolicy = RetryPolicy(),
+                completion=None) -> ModelScores:
+    """Score the model's results of `eval_run_id` (or its newest eval run); replaces that slice of `scores`.
+
+    Tasks with a pure scorer are scored here; judge tasks go to the judging step (model calls), and
+    everything it produced is written in the same transaction as the scores."""
     tasks = {t.name: t for t in project.tasks}
+    judged = [t.name for t in project.tasks if t.is_judged]
     with warehouse.read_connection(project.paths.warehouse_file) as conn:
         has_run = eval_run_id and conn.execute(
             "SELECT count(*) FROM inference_results WHERE eval_run_id = ? AND model = ?", [eval_run_id, model_name]).fetchall()[0][0]
@@ -148,9 +162,24 @@ def score_model(project: Project, model_name: str, eval_run_id: str | None, log:
         results = conn.sql("SELECT * FROM inference_results WHERE eval_run_id = $run AND model = $model",
                            params={"run": run_id, "model": model_name}).pl()
         cases = conn.sql(CURRENT_EXPECTED_ANSWERS).pl()
-    scores = score_results(results, cases, tasks).with_columns(pl.lit(utc_now()).alias("scored_at"))
+    in_judged = pl.col("task").is_in(judged)
+    judge_cases = {(r["task"], r["dataset_version"], r["case_id"]):
+                   (json.loads(r["inputs_json"]), None if r["expected_json"] is None else json.loads(r["expected_json"]))
+                   for r in cases.filter(in_judged).iter_rows(named=True)}
+    judging = judge_model_results(project, model_name, results.filter(in_judged), judge_cases, log,
+                                  retry=retry, completion=completion)
+    scores = pl.concat([score_results(results.filter(~in_judged), cases.filter(~in_judged), tasks),
+                        pl.DataFrame(judging.scores, schema=SCORE_SCHEMA)]).with_columns(pl.lit(utc_now()).alias("scored_at"))
+    judge_rows = judging.judge_results(run_id)
     crash_point("scores.scored")
-    with warehouse.write_connection(project.paths.warehouse_file) as conn:
-        warehouse.replace_slice(conn, "scores", scores, {"eval_run_id": run_id, "model": model_name})
+    with warehouse.write_connection(project.paths.warehouse_file) as conn, warehouse.transaction(conn):
+        warehouse.replace_rows(conn, "scores", scores, {"eval_run_id": run_id, "model": model_name})
+        judged_rows = judge_rows.filter(pl.col("model").is_not_null()) if judge_rows.height else judge_rows
+        warehouse.replace_rows(conn, "judge_results", judged_rows, {"eval_run_id": run_id, "model": model_name, "purpose": "score"})
+        for calibration in judging.calibrations:
+            rows = judge_rows.filter((pl.col("purpose") == "calibration") & (pl.col("task") == calibration.task))
+            warehouse.replace_rows(conn, "judge_results", rows, {"eval_run_id": run_id, "task": calibration.task, "purpose": "calibration"})
+            record = pl.DataFrame([{**calibration.record(), "eval_run_id": run_id, "calibrated_at": utc_now()}])
+            warehouse.replace_rows(conn, "judge_calibrations", record, {"eval_run_id": run_id, "task": calibration.task})
     log.info(f"model {model_name}: scored {scores.height} results of eval run {run_id}")
-    return scores
+    return ModelScores(scores, judging)

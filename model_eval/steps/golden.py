@@ -1,7 +1,7 @@
 """Step `golden_cases`: load, check and validate every task and every dataset version, then record them.
 
 A file is validated again only when its validation key changed (the cases file, the task file, the
-scorer or its settings; see `golden_validation.validation_key`). The key of every file that passed
+scorer or its settings, and a judge task's calibration file; see `golden_validation.validation_key`). The key of every file that passed
 is kept in `golden_versions.validation_key`, next to the cases it vouches for: a new warehouse
 validates everything once, and an unchanged golden set neither imports nor runs Great Expectations.
 """
@@ -15,7 +15,7 @@ import polars as pl
 from model_eval import warehouse
 from model_eval.crash_points import crash_point
 from model_eval.errors import GoldenSetError
-from model_eval.golden import TaskSpec, read_cases
+from model_eval.golden import TaskSpec, read_calibration_cases, read_cases
 from model_eval.golden_validation import file_sha256, validate_cases, validation_key
 from model_eval.project import Project
 from model_eval.steps._common import Log, utc_now
@@ -48,11 +48,15 @@ def ingest_golden(project: Project, eval_run_id: str, log: Log) -> GoldenIngesti
     known = _validated_files(project)
     version_rows, case_frames, expectations, reused = [], [], 0, 0
     for task in project.tasks:
+        # A judge task's calibration file vouches for its judge: part of every version's key, validated with them.
+        calibration = [task.calibration_file()] if task.is_judged else []
+        validated_before = len(case_frames)
         for version in task.versions:
             path = task.cases_file(version)
             cases_sha = file_sha256(path)
             file_hash = cases_sha[:16]
-            key = validation_key(cases_sha, task.folder / "task.yaml", task.scorer, task.scorer_settings, task.output_kind)
+            key = validation_key(cases_sha, task.task_file, task.scorer, task.scorer_settings, task.output_kind,
+                                 extra_files=calibration)
             row = {"task": task.name, "dataset_version": version, "source_file": str(path), "file_hash": file_hash,
                    "output_kind": task.output_kind, "scorer": task.scorer, "is_current": version == task.dataset_version,
                    "validation_passed": True, "validation_key": key, "eval_run_id": eval_run_id, "ingested_at": utc_now()}
@@ -63,7 +67,7 @@ def ingest_golden(project: Project, eval_run_id: str, log: Log) -> GoldenIngesti
                 reused += 1
                 continue
             cases = read_cases(task, version)
-            outcome = validate_cases(cases, task.output_kind, str(path))
+            outcome = validate_cases(cases, task.output_kind, str(path), expected_required=not task.is_judged)
             expectations += outcome.expectations_run
             if not outcome.passed:
                 raise GoldenSetError(path, "failed validation:\n  " + "\n  ".join(outcome.problems))
@@ -72,6 +76,13 @@ def ingest_golden(project: Project, eval_run_id: str, log: Log) -> GoldenIngesti
                 pl.lit(file_hash).alias("file_hash"), pl.lit(eval_run_id).alias("eval_run_id"),
                 pl.lit(utc_now()).alias("ingested_at")))
             log.info(f"golden {task.name} {version}: {cases.height} cases valid ({outcome.expectations_run} expectations)")
+        if calibration and len(case_frames) > validated_before:
+            # The human-labelled answers get a verdict task's rules (at least 10, unique ids, PASS and FAIL
+            # both present), so a judge is never calibrated on a lopsided set.
+            outcome = validate_cases(read_calibration_cases(task), "verdict", str(calibration[0]))
+            expectations += outcome.expectations_run
+            if not outcome.passed:
+                raise GoldenSetError(calibration[0], "failed validation:\n  " + "\n  ".join(outcome.problems))
     if reused:
         log.info(f"golden: {reused} unchanged file(s), validation reused")
     versions = pl.DataFrame(version_rows)

@@ -10,6 +10,7 @@ import polars as pl
 
 from model_eval import eval_runs, warehouse
 from model_eval.crash_points import crash_point
+from model_eval.judge_calibration import newest_calibrations
 from model_eval.gate_evaluation import TaskGates, evaluate_all_tasks, record_all
 from model_eval.metrics import LATEST_METRICS_SQL, case_accuracies_of, compute_metrics
 from model_eval.policies import Anchors, recommend, registered_policies
@@ -65,10 +66,13 @@ def recommend_tasks(project: Project, eval_run_id: str, log: Log, model_names: l
             & pl.col("model").is_in(sorted(eligible))) for task in project.tasks}
         # Per-case accuracies make the runner-up comparison paired over the cases both answered.
         per_case = case_accuracies_of(conn, pl.concat(list(candidates_by_task.values())) if project.tasks else latest.clear())
+        judges = newest_calibrations(conn, [t.name for t in project.tasks if t.is_judged])
     for task in project.tasks:
         candidates = candidates_by_task[task.name]
+        judge_note = judges.get(task.name)
         if candidates.is_empty():
-            log.warning(f"task {task.name}: no evaluated model on version {task.dataset_version}; no recommendation")
+            why = f": {judge_note[1]}" if judge_note and not judge_note[0] else ""
+            log.warning(f"task {task.name}: no evaluated model on version {task.dataset_version}; no recommendation{why}")
         anchors = Anchors(task.latency_target_ms, task.budget_per_case_usd)
         task_cases = {model: cases for (name, model), cases in per_case.items() if name == task.name}
         for policy in registered_policies():
@@ -80,7 +84,7 @@ def recommend_tasks(project: Project, eval_run_id: str, log: Log, model_names: l
                 "champion_score": result.champion_score, "runner_up_score": result.runner_up_score,
                 "confidence": result.confidence, "qualified": list(result.qualified),
                 "candidates": sorted(candidates["model"].to_list()), "ranking_json": json.dumps(result.ranking),
-                "reasoning": result.reasoning, "source_eval_runs": sorted(set(candidates["eval_run_id"].to_list())),
+                "reasoning": _with_judge_note(result.reasoning, candidates.is_empty(), judge_note), "source_eval_runs": sorted(set(candidates["eval_run_id"].to_list())),
                 "created_at": utc_now(),
             })
     frame = pl.DataFrame(rows, schema_overrides=RECOMMENDATION_COLUMN_TYPES)
@@ -88,6 +92,16 @@ def recommend_tasks(project: Project, eval_run_id: str, log: Log, model_names: l
     with warehouse.write_connection(project.paths.warehouse_file) as conn:
         warehouse.replace_slice(conn, "recommendations", frame, {"eval_run_id": eval_run_id})
     return frame
+
+
+def _with_judge_note(reasoning: str, no_candidates: bool, judge_note: tuple[bool, str] | None) -> str:
+    """A judge task's reasoning says whose verdicts its accuracy rests on, or why it has none."""
+    if judge_note is None:
+        return reasoning
+    passed, note = judge_note
+    if no_candidates and not passed:
+        return f"No model was scored: {note}."
+    return f"{reasoning} Scored by an LLM judge: {note}."
 
 
 def check_gates(project: Project, eval_run_id: str) -> list[TaskGates]:

@@ -52,7 +52,8 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
           description="Each result scored by its task's registered scorer.")
 def scores(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> dg.MaterializeResult:
     project = model_eval.project()
-    frame = score_model(project, context.partition_key, eval_run_id(context), context.log)
+    scored = score_model(project, context.partition_key, eval_run_id(context), context.log)
+    frame, judging = scored.scores, scored.judging
     if not is_orchestrated(context):
         # A run of its own (e.g. from the UI) is its own evaluation, and scoring is its last step.
         complete_evaluation(project.paths.warehouse_file, eval_run_id(context))
@@ -64,4 +65,9 @@ def scores(context: dg.AssetExecutionContext, model_eval: ModelEvalResource) -> 
         "accuracy_by_task": dg.MetadataValue.json({r["task"]: {"accuracy": round(r["accuracy"], 4), "n_cases": r["cases"]}
                                                    for r in per_task.iter_rows(named=True)}),
         "unparseable": int(frame.filter(~pl.col("call_failed") & pl.col("parsed").is_null()).height),
+        # Judge tasks: whether the judge passed calibration (and so scored the task), and why.
+        "judges": dg.MetadataValue.json({name: {"judge": t.judge_model, "scored": t.scored, "reason": t.reason,
+                                                "kappa": t.calibration.record()["kappa"] if t.calibration else None}
+                                         for name, t in judging.tasks.items()}),
+        "judge_calls": dg.MetadataValue.json({"sent": judging.calls_sent, "from_cache": judging.calls_cached}),
     })
