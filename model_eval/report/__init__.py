@@ -22,7 +22,7 @@ from model_eval.report.summary import Summary, build_summary
 from model_eval.golden import TaskSpec
 from model_eval.settings import ProjectPaths
 
-__all__ = ["NoRecommendationError", "WrittenReport", "report_file", "write_report", "summarize"]
+__all__ = ["NoRecommendationError", "WrittenReport", "report_data", "report_file", "write_report", "summarize"]
 
 LATEST = "latest.html"
 
@@ -60,6 +60,12 @@ def write_report(paths: ProjectPaths, eval_run_id: str | None = None, tasks: tup
     if data.eval_run_id == newest:
         _write_atomically(paths.reports_dir / LATEST, page)
     return WrittenReport(target, data)
+
+
+def report_data(paths: ProjectPaths, eval_run_id: str | None = None, tasks: tuple[TaskSpec, ...] = ()) -> ReportData:
+    """What `write_report` would draw, read from the warehouse but not drawn."""
+    with warehouse.read_connection(paths.warehouse_file) as conn:
+        return load_report_data(conn, eval_run_id, tasks)
 
 
 def summarize(paths: ProjectPaths, eval_run_id: str | None = None, report_path: Path | None = None,

@@ -1,5 +1,5 @@
 """Steps `model_drift` and the report: drift of each model since its previous fresh run, the HTML
-report of the run (written by `recommendations`, again by `model_assignments`), and the summary
+report of the run (written by `model_assignments`, once the run's gates and assignments are known), and the summary
 sent after a scheduled evaluation."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from model_eval import warehouse
 from model_eval.alerts import Alert, DeliveryReport, send_alert
 from model_eval.drift import record_drift
 from model_eval.project import Project
-from model_eval.report import WrittenReport, summarize, write_report
+from model_eval.report import WrittenReport, report_data, summarize, write_report
+from model_eval.report.data import ReportData
 from model_eval.report.summary import Summary
 from model_eval.steps._common import Log
 
@@ -30,6 +31,15 @@ def detect_drift(project: Project, eval_run_id: str, log: Log) -> pl.DataFrame:
 def write_run_report(project: Project, eval_run_id: str | None = None) -> WrittenReport:
     """The run's HTML report (the newest recommended run when None); thresholds come from the loaded tasks."""
     return write_report(project.paths, eval_run_id, project.tasks)
+
+
+def run_report_data(project: Project, eval_run_id: str, log: Log) -> ReportData | None:
+    """What the run's report will show, without drawing it (for the UI's figures); None if it cannot be read."""
+    try:
+        return report_data(project.paths, eval_run_id, project.tasks)
+    except Exception as exc:  # noqa: BLE001 - figures for the UI never fail the step that shows them
+        log.warning(f"report figures for {eval_run_id} not read: {type(exc).__name__}: {exc}")
+        return None
 
 
 def write_run_report_safely(project: Project, eval_run_id: str, log: Log) -> WrittenReport | None:

@@ -9,7 +9,8 @@ from model_eval.report.metadata import metrics_figures, recommendation_figures
 from model_eval.steps.consensus import compute_consensus
 from model_eval.steps.pairwise import compute_win_rates
 from model_eval.steps.recommendation import recommend_tasks, refresh_metrics
-from model_eval.steps.report import write_run_report_safely
+from model_eval.report import report_file
+from model_eval.steps.report import run_report_data
 from model_eval.warehouse import read_connection
 
 
@@ -85,12 +86,14 @@ def recommendations(context: dg.AssetExecutionContext, model_eval: ModelEvalReso
         notes = {task: lines for task, lines in notes.items() if lines}
     for r in chosen.iter_rows(named=True):
         context.log.info(f"{r['task']}: {r['reasoning']}")
-    # Written again after promotion (model_assignments), so this run's gates and assignments are in it.
-    report = write_run_report_safely(project, eval_run_id(context), context.log)
+    # The report itself is drawn once, by model_assignments, when this run's gates and assignments are
+    # known (drawing it takes about half a second); its figures are shown here already.
+    data = run_report_data(project, eval_run_id(context), context.log)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": frame.height,
         "champions": dg.MetadataValue.json({t: c[0] for t, c in champions.items()}),
         "leaderboard": dg.MetadataValue.md(leaderboard_markdown(board, champions, notes) if board.height or notes else "no metrics yet"),
-        "report": dg.MetadataValue.path(str(report.path)) if report else "not written (see the step's log)",
-        **(recommendation_figures(report.data) if report else {}),
+        "report": dg.MetadataValue.path(str(report_file(project.paths.reports_dir, data.eval_run_id))) if data
+                  else "not readable (see the step's log)",
+        **(recommendation_figures(data) if data else {}),
     })
