@@ -129,8 +129,8 @@ class Reads:
             with read_connection(self.warehouse_file) as conn:
                 if _has_table(conn, "production_calls"):
                     offsets = ingested_offsets(conn)
-                    loaded = conn.execute(f"SELECT {', '.join(STAT_COLUMNS)} FROM production_calls WHERE ts >= ?",
-                                          [since]).pl().cast({c: CALL_SCHEMA[c] for c in STAT_COLUMNS})
+                    loaded = conn.sql(f"SELECT {', '.join(STAT_COLUMNS)} FROM production_calls WHERE ts >= $since",
+                                      params={"since": since}).pl().cast({c: CALL_SCHEMA[c] for c in STAT_COLUMNS})
         events = read_events(self.call_log_dir, offsets, self.max_log_bytes)
         fresh = [row for row in events.calls.values() if row["ts"] >= since]
         unloaded = pl.DataFrame([{c: row.get(c) for c in STAT_COLUMNS} for row in fresh],
