@@ -19,6 +19,8 @@ Sections (see benchmarks/README.md for what each figure means, how it is measure
 6 publish     writing one run into a warehouse holding 1,000,000 result rows versus an empty one.
 7 adaptive    calls an adaptive run makes against a full one of the same scripted suite, and whether
               both name the same champion per task.
+8 gateway     `model-eval serve` against calling the endpoint directly: added p50/p99 latency at
+              concurrency 1 and 8, calls/s at 32 and 64, CPU per call, every call logged.
 
 The fake endpoint is the test double model_eval_tests/fake_openai_server.py, run in processes of
 its own by benchmarks/fake_endpoint.py so it never competes with the measured client for the GIL.
@@ -40,9 +42,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402  (sets the environment before litellm is imported)
-from benchmarks import adaptive, faults, memory, peers, publish, throughput, warehouse  # noqa: E402
+from benchmarks import adaptive, faults, gateway, memory, peers, publish, throughput, warehouse  # noqa: E402
 
-SECTIONS = ["throughput", "faults", "memory", "warehouse", "peers", "publish", "adaptive"]
+SECTIONS = ["throughput", "faults", "memory", "warehouse", "peers", "publish", "adaptive", "gateway"]
 
 # Full sizes, and the --quick ones (about a tenth; the memory pair keeps its 10x step).
 FULL = dict(calls=2000, concurrency=[32, 64], rounds=6, fault_calls=2000, memory_sizes=[10_000, 100_000],
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         if "adaptive" in sections:
             print("7 adaptive: 8 models x 2 tasks x 500 cases x 3 repeats, full then adaptive...", flush=True)
             figures += adaptive.measure(workdir).figures()
+        if "gateway" in sections:
+            print(f"8 gateway: {size['calls']:,} calls per side, direct and through model-eval serve...", flush=True)
+            figures += gateway.measure(size["calls"], 4, workdir).figures()
 
     print()
     print(f"model_eval benchmark{' (--quick)' if args.quick else ''}  "

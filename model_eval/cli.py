@@ -230,6 +230,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return run_service(command, cwd=PROJECT_ROOT)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The task-aware HTTP gateway (model_eval/gateway): refuses to start in an exposed configuration."""
+    from model_eval.errors import ModelEvalError
+    from model_eval.gateway.app import GatewaySettings, serve
+
+    settings = GatewaySettings(max_body_bytes=args.max_body_bytes, rate_per_s=args.rate_limit, burst=args.rate_burst)
+    try:
+        return serve(args.host, args.port, no_auth=args.no_auth, allow_remote=args.allow_remote, settings=settings)
+    except ModelEvalError as exc:
+        return _fail(str(exc))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a run's HTML report again (the newest run by default) and print its path; --summary also sends the summary."""
     from model_eval.errors import ModelEvalError
@@ -306,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     ui = sub.add_parser("ui", help="open the Dagster UI on this checkout's instance")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
+    serve = sub.add_parser("serve", help="the HTTP gateway: OpenAI-compatible calls routed by task, feedback, statistics")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --allow-remote)")
+    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--no-auth", action="store_true", help="no tokens (loopback only); otherwise set MODEL_EVAL_API_TOKEN "
+                                                               "and/or MODEL_EVAL_API_READ_TOKEN")
+    serve.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address (needs a token)")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body accepted (413 above)")
+    serve.add_argument("--rate-limit", type=float, default=100.0, help="requests per second per client address (0: no limit)")
+    serve.add_argument("--rate-burst", type=int, default=200, help="requests a client may send at once above the rate")
+    serve.set_defaults(func=cmd_serve)
     report = sub.add_parser("report", help="write an evaluation run's HTML report again and print its path")
     report.add_argument("--run", help="eval run id (default: the newest run with recommendations)")
     report.add_argument("--summary", action="store_true", help="also send the run's summary to the alert channels and print it")

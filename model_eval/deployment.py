@@ -41,6 +41,7 @@ class Degradation:
     production_window_hours: float = 24.0
     min_production_calls: int = 100        # production success rate is judged only on at least this many calls
     min_latency_calls: int = 50            # production p95 is judged only on at least this many successful calls
+    min_rated_calls: int = 30              # a rating comparison needs at least this many rated calls on each side
     significance: float = 0.05             # one-sided level of the production and re-evaluation tests
 
 

@@ -18,7 +18,7 @@ import re
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 import aiohttp
 
@@ -145,12 +145,18 @@ def parse_answer(body: bytes, mode: str) -> Answer:
         raise BadRequestError(f"BadRequestError: {_server_message(body.decode(errors='replace'))}", 422)
     if not isinstance(choices, list):
         raise InternalServerError(f"InternalServerError: 'choices' is not a list in {body[:200]!r}", 500)
+    return _answer_of(parsed, mode, "message")
+
+
+def _answer_of(parsed: dict, mode: str, chat_key: str) -> Answer:
+    """The first choice's text (a chat answer's `message` or a stream piece's `delta`; `text` in completion mode) and usage."""
     usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else {}
     text = finish = None
-    if choices and isinstance(choices[0], dict):
+    choices = parsed.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         first = choices[0]
         if mode == "chat":
-            message = first.get("message")
+            message = first.get(chat_key)
             text = message.get("content") if isinstance(message, dict) else None
         else:
             text = first.get("text")
@@ -227,3 +233,53 @@ class OpenAICompatibleClient:
         if status >= 400:
             raise error_for(status, body.decode(errors="replace"), headers)
         return parse_answer(body, model_input.mode)
+
+    async def stream(self, model_input: ModelInput, params: Mapping[str, Any]) -> AsyncIterator[Answer]:
+        """The answer as server-sent events: one `Answer` per piece (its `text` is the new text only).
+
+        `stream_options.include_usage` asks for the token counts in a last event; servers that ignore
+        it (llama-cpp-python does) send none, and the pieces carry None counts.
+        """
+        if self._session is None:
+            raise RuntimeError("use the client inside `async with`")
+        body = {**model_input.openai_body(self.model_id, params), "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            async with self._session.post(self.base + model_input.endpoint_path, data=json.dumps(body, ensure_ascii=False).encode(),
+                                          proxy=self.proxy) as response:
+                if response.status >= 400:
+                    raise error_for(response.status, (await response.read()).decode(errors="replace"), response.headers)
+                async for line in response.content:
+                    piece = parse_stream_line(line, model_input.mode)
+                    if piece is STREAM_DONE:
+                        return
+                    if piece is not None:
+                        yield piece
+        except TimeoutError:
+            raise Timeout(f"Timeout: no answer within {self.spec.timeout_s:g} s", 408) from None
+        except aiohttp.ClientError as exc:
+            raise InternalServerError(f"InternalServerError: connection error: {exc.__class__.__name__}: {exc}", 500) from None
+
+
+STREAM_DONE = Answer(None, None, None, None)   # the `data: [DONE]` sentinel
+
+
+def parse_stream_line(line: bytes, mode: str) -> Answer | None:
+    """One line of an SSE body: a piece of the answer, STREAM_DONE, or None (blank lines, comments, no choice)."""
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return STREAM_DONE
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise InternalServerError(f"InternalServerError: invalid stream event, not JSON: {data[:200]!r}", 500) from None
+    if not isinstance(event, dict):
+        return None
+    if "error" in event and "choices" not in event:
+        raise APIError(f"APIError: error in stream: {_server_message(data.decode(errors='replace'))}", 500)
+    piece = _answer_of(event, mode, "delta")
+    if piece.text is None and piece.finish_reason is None and piece.input_tokens is None and piece.output_tokens is None:
+        return None
+    return piece

@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 import polars as pl
 
@@ -318,6 +318,28 @@ class LitellmClient:
         text, finish_reason = _text_and_finish(response)
         input_tokens, output_tokens = _usage(response)
         return Answer(text, finish_reason, input_tokens, output_tokens)
+
+    async def stream(self, model_input: ModelInput, params: dict[str, Any]) -> AsyncIterator[Answer]:
+        """Pieces of a chat answer as litellm streams them (with usage at the end when the provider sends it).
+
+        Completion mode is answered whole, as one piece: litellm's text-completion streaming differs by
+        provider, and the base models this mode exists for answer in a few tokens anyway.
+        """
+        if model_input.mode != "chat":
+            yield await self(model_input, params)
+            return
+        response = await self.completion(model=self.spec.litellm_model, **model_input.litellm_arguments(),
+                                         api_base=self.spec.api_base, api_key=self.key or ("sk-no-key" if self.spec.api_base else None),
+                                         timeout=self.spec.timeout_s, num_retries=0, max_retries=0, stream=True,
+                                         stream_options={"include_usage": True}, **params)
+        async for chunk in response:
+            choices = getattr(chunk, "choices", None) or []
+            delta = getattr(choices[0], "delta", None) if choices else None
+            text = getattr(delta, "content", None) if delta is not None else None
+            finish = getattr(choices[0], "finish_reason", None) if choices else None
+            input_tokens, output_tokens = _usage(chunk)
+            if text or finish or output_tokens is not None:
+                yield Answer(text or None, finish, input_tokens, output_tokens)
 
 
 def client_for(spec: ModelSpec, completion: CompletionFn | None = None,

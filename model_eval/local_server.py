@@ -58,7 +58,7 @@ class LocalServerError(ModelEvalError):
     """The local model server could not be started, reached or reused."""
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -90,7 +90,7 @@ class LocalModelServer:
             raise LocalServerError("LocalModelServer needs at least one model to serve")
         # The server has no authentication; it must never be reachable from
         # another machine.
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise LocalServerError(
                 f"refusing to serve local models on {host!r}: only loopback "
                 "addresses (127.0.0.1, ::1, localhost) are allowed"

@@ -3,7 +3,9 @@
 A rollback, an abort or a stage advance on production calls needs a minimum number of calls in the
 window and an exact one-sided binomial test of the success rate against `degradation.min_success_rate`.
 p95 latency is computed exactly as in the evaluation (successful calls only), and judged only on
-enough successful calls. Pure functions over the warehouse's `production_calls` table.
+enough successful calls. User ratings (the gateway's POST /v1/feedback, in [0, 1]) are compared
+between a model and the one it replaced with a one-sided Mann-Whitney U test, on at least
+`degradation.min_rated_calls` rated calls on each side (docs/decisions.md, section 11). Pure functions over the warehouse's `production_calls` table.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from datetime import datetime
 import duckdb
 
 from model_eval.deployment import Degradation, Rollout
-from model_eval.stats import binomial_test
+from model_eval.stats import binomial_test, mann_whitney_u
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,43 @@ def advance_waits_for(window: ProductionWindow, rollout: Rollout, limits: Degrad
         return (f"evidence that its success rate is at least {limits.min_success_rate:.2f}: {window.successes}/{window.calls} "
                 f"succeeded (exact one-sided binomial p={test.p_value:.2g}, needs < {limits.significance:g})")
     return None
+
+
+def _table_exists(conn: duckdb.DuckDBPyConnection) -> bool:
+    return bool(conn.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'production_calls'").fetchall()[0][0])
+
+
+def ratings(conn: duckdb.DuckDBPyConnection, model: str, task: str, since: datetime, until: datetime) -> list[float]:
+    """Ratings of the model's answers shown to users (role primary) on the task, for calls made in [since, until)."""
+    if not _table_exists(conn):
+        return []
+    rows = conn.execute("""SELECT rating FROM production_calls
+                           WHERE model = ? AND task = ? AND role = 'primary' AND rating IS NOT NULL AND ts >= ? AND ts < ?""",
+                        [model, task, since, until]).fetchall()
+    return [r[0] for r in rows]
+
+
+@dataclass(frozen=True)
+class RatingWindows:
+    """Which calls' ratings are compared: the model's, and the model it replaced (the baseline)."""
+
+    model: str
+    since: datetime
+    until: datetime
+    baseline_model: str
+    baseline_since: datetime
+    baseline_until: datetime
+
+
+def rating_drop(conn: duckdb.DuckDBPyConnection, task: str, windows: RatingWindows, limits: Degradation) -> str | None:
+    """Why the model's ratings show it worse than its baseline's (None: not enough ratings, or no evidence)."""
+    mine = ratings(conn, windows.model, task, windows.since, windows.until)
+    theirs = ratings(conn, windows.baseline_model, task, windows.baseline_since, windows.baseline_until)
+    if min(len(mine), len(theirs)) < max(1, limits.min_rated_calls):
+        return None
+    test = mann_whitney_u(mine, theirs, "less")
+    if test.p_value >= limits.significance:
+        return None
+    mean_mine, mean_theirs = sum(mine) / len(mine), sum(theirs) / len(theirs)
+    return (f"user ratings fell: mean {mean_mine:.2f} over {len(mine)} rated calls against {mean_theirs:.2f} over "
+            f"{len(theirs)} for {windows.baseline_model} (one-sided Mann-Whitney U p={test.p_value:.2g} < {limits.significance:g})")

@@ -20,7 +20,13 @@ from model_eval.errors import InputError
 from model_eval.gates import GateResult, gate_verdict, recorded_gates
 from model_eval.golden import TaskSpec
 from model_eval.metrics import case_accuracies, latest_metrics, paired_differences
-from model_eval.production_evidence import advance_waits_for, degradation_problems, production_window
+from model_eval.production_evidence import (
+    RatingWindows,
+    advance_waits_for,
+    degradation_problems,
+    production_window,
+    rating_drop,
+)
 from model_eval.registry import Registry
 from model_eval.router import STAGES
 from model_eval.stats import binomial_test, paired_confidence
@@ -184,7 +190,15 @@ def degradation_reason(conn, task: TaskSpec, state: AssignmentState, deployment:
         if (state.baseline_p95_latency_ms and latest["p95_latency_ms"]
                 and latest["p95_latency_ms"] > limits.max_p95_latency_ratio * state.baseline_p95_latency_ms):
             problems.append(f"p95 latency rose from {state.baseline_p95_latency_ms:.0f} ms to {latest['p95_latency_ms']:.0f} ms")
-    problems += degradation_problems(_window(conn, model, task, state, deployment, now), limits, state.baseline_p95_latency_ms)
+    window = _window(conn, model, task, state, deployment, now)
+    problems += degradation_problems(window, limits, state.baseline_p95_latency_ms)
+    if state.stage == "full" and state.previous_model and state.previous_model != model:
+        # The model it replaced no longer serves: its ratings over a window of the same length, ending at the switch.
+        span = now - window.since
+        dropped = rating_drop(conn, task.name, RatingWindows(model, window.since, now, state.previous_model,
+                                                             state.assigned_at - span, state.assigned_at), limits)
+        if dropped:
+            problems.append(dropped)
     return f"{model} degraded: " + "; ".join(problems) if problems else None
 
 
@@ -196,8 +210,14 @@ def _window(conn, model: str, task: TaskSpec, state: AssignmentState, deployment
 
 def candidate_degradation(conn, task: TaskSpec, state: AssignmentState, deployment: Deployment, now: datetime) -> str | None:
     """Why a candidate in shadow or partial must be stopped, from its logged production calls; None if no evidence."""
-    problems = degradation_problems(_window(conn, state.model, task, state, deployment, now), deployment.degradation,
-                                    state.baseline_p95_latency_ms)
+    window = _window(conn, state.model, task, state, deployment, now)
+    problems = degradation_problems(window, deployment.degradation, state.baseline_p95_latency_ms)
+    if state.stage == "partial" and state.previous_model:
+        # Both models answer users in partial: their ratings over the very same window are comparable.
+        dropped = rating_drop(conn, task.name, RatingWindows(state.model, window.since, now, state.previous_model,
+                                                             window.since, now), deployment.degradation)
+        if dropped:
+            problems.append(dropped)
     return f"candidate {state.model} degraded in {state.stage}: " + "; ".join(problems) if problems else None
 
 
@@ -391,12 +411,7 @@ def manual_action(conn, action: str, task: TaskSpec, registry: Registry, *, mode
 def snapshot_tasks(states: dict[str, AssignmentState], registry: Registry) -> dict:
     """The routing snapshot applications read (see model_eval.router)."""
     def describe(name: str | None) -> dict | None:
-        if name is None:
-            return None
-        spec = registry.get(name)
-        return {"model": spec.name, "litellm_model": spec.litellm_model, "api_base": spec.api_base,
-                "api_key_env": spec.api_key_env, "params": spec.params, "mode": spec.mode,
-                "completion_template": spec.completion_template.as_record() if spec.completion_template else None}
+        return None if name is None else registry.get(name).routing_record()
 
     tasks = {}
     for task, state in sorted(states.items()):

@@ -92,6 +92,12 @@ class ModelSpec:
             return os.environ.get("OPENAI_API_KEY")
         return None
 
+    def routing_record(self) -> dict[str, Any]:
+        """The model as the routing snapshot describes it (model_eval/router.py): how an application calls it."""
+        return {"model": self.name, "litellm_model": self.litellm_model, "api_base": self.api_base,
+                "api_key_env": self.api_key_env, "params": self.params, "mode": self.mode,
+                "completion_template": self.completion_template.as_record() if self.completion_template else None}
+
     def public_record(self) -> dict[str, Any]:
         """The row stored in the warehouse `models` table (no secrets: only the variable's name)."""
         return {

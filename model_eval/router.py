@@ -158,7 +158,7 @@ class RouteDecision:
     on real traffic before it serves anyone.
     """
 
-    task: str
+    task: str | None              # None: a registry model asked for by name, not routed (the gateway's stage "direct")
     request_key: str
     primary: ModelChoice
     shadow: ModelChoice | None
@@ -487,8 +487,12 @@ class CallLog:
         role: Literal["primary", "shadow"],
         extra: dict[str, Any] | None = None,
         call_id: str | None = None,
+        cost_usd: float | None = None,
     ) -> str:
-        """Log one call and return its call_id (keep it to `rate` the answer later)."""
+        """Log one call and return its call_id (keep it to `rate` the answer later).
+
+        `cost_usd` is None when the price or the token counts are unknown (never 0 for unknown).
+        """
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if role == "shadow" and decision.shadow is None:
@@ -504,22 +508,27 @@ class CallLog:
             "success": bool(success),
             "error": None if error is None else str(error)[: self.MAX_ERROR_CHARS],
             "rating": _check_rating(rating), "extra": extra or None,
+            "cost_usd": None if cost_usd is None else float(cost_usd),
         }
         secrets = [os.environ.get(c.api_key_env) for c in (decision.primary, decision.shadow) if c and c.api_key_env]
         self._append(line, now, [s for s in secrets if s])
         return call_id
 
-    def rate(self, call_id: str, rating: float) -> None:
+    def rate(self, call_id: str, rating: float, comment: str | None = None) -> None:
         """Attach a rating (e.g. user feedback) to an earlier call; the latest rating wins on ingest.
 
-        May be called from any process: ingestion matches ratings to calls across files.
+        May be called from any process: ingestion matches ratings to calls across files. The gateway
+        takes ratings in [0, 1] (thumbs up 1, down 0) so every task's ratings share one scale.
         """
         if not isinstance(call_id, str) or not call_id:
             raise ValueError("call_id must be the non-empty string returned by record()")
         if rating is None:
             raise ValueError("rating must be a number")
         now = datetime.now(UTC)
-        self._append({"event": "rating", "call_id": call_id, "ts": now.isoformat(), "rating": _check_rating(rating)}, now, [])
+        event = {"event": "rating", "call_id": call_id, "ts": now.isoformat(), "rating": _check_rating(rating)}
+        if comment:
+            event["comment"] = str(comment)[: self.MAX_ERROR_CHARS]
+        self._append(event, now, [])
 
     def _append(self, record: dict[str, Any], now: datetime, secrets: list[str]) -> None:
         try:

@@ -315,3 +315,51 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p_values[index]))
         adjusted[index] = running
     return adjusted
+
+
+# ---------------------------------------------------------------- two independent samples of ratings
+@dataclass(frozen=True)
+class RankTest:
+    """One-sided Mann-Whitney U test of sample x against sample y."""
+
+    u: float             # U of x: pairs (x_i, y_j) with x_i > y_j, ties counted one half
+    n_x: int
+    n_y: int
+    alternative: str     # "less": evidence x tends to be lower than y; "greater": higher
+    p_value: float
+
+
+def mann_whitney_u(x: Sequence[float], y: Sequence[float], alternative: str) -> RankTest:
+    """Normal approximation with the tie correction and a continuity correction of 1/2.
+
+    Ratings are few distinct values (thumbs are 0 and 1), so ties are the rule, not the exception;
+    the tie-corrected variance keeps the test exact in level for large samples of either kind.
+    Matches scipy.stats.mannwhitneyu(x, y, alternative=..., method="asymptotic", use_continuity=True).
+    """
+    if alternative not in ("less", "greater"):
+        raise ValueError(f"alternative must be 'less' or 'greater', got {alternative!r}")
+    n_x, n_y = len(x), len(y)
+    if n_x == 0 or n_y == 0:
+        raise ValueError("both samples need at least one value")
+    pooled = sorted([(float(v), 0) for v in x] + [(float(v), 1) for v in y])
+    n = n_x + n_y
+    rank_sum_x = 0.0
+    tie_term = 0.0
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and pooled[j + 1][0] == pooled[i][0]:
+            j += 1
+        mid_rank = (i + j) / 2 + 1          # ranks are 1-based; tied values share their mean rank
+        rank_sum_x += mid_rank * sum(1 for k in range(i, j + 1) if pooled[k][1] == 0)
+        t = j - i + 1
+        tie_term += t ** 3 - t
+        i = j + 1
+    u_x = rank_sum_x - n_x * (n_x + 1) / 2
+    mean = n_x * n_y / 2
+    variance = n_x * n_y / 12 * ((n + 1) - tie_term / (n * (n - 1))) if n > 1 else 0.0
+    if variance <= 0:
+        return RankTest(u_x, n_x, n_y, alternative, 1.0)   # every value tied: no evidence either way
+    u = u_x if alternative == "greater" else n_x * n_y - u_x
+    z = (u - mean - 0.5) / math.sqrt(variance)
+    return RankTest(u_x, n_x, n_y, alternative, min(1.0, max(0.0, 1.0 - normal_cdf(z))))

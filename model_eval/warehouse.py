@@ -139,6 +139,10 @@ CREATE TABLE IF NOT EXISTS production_log_offsets (file VARCHAR PRIMARY KEY, "of
 CREATE TABLE IF NOT EXISTS production_pending_ratings (
     call_id VARCHAR PRIMARY KEY, rating DOUBLE, rated_at TIMESTAMP, source_file VARCHAR
 );
+-- Added with the gateway: each call's cost (NULL: unknown price or tokens), and the feedback's comment.
+ALTER TABLE production_calls ADD COLUMN IF NOT EXISTS cost_usd DOUBLE;
+ALTER TABLE production_calls ADD COLUMN IF NOT EXISTS rating_comment VARCHAR;
+ALTER TABLE production_pending_ratings ADD COLUMN IF NOT EXISTS rating_comment VARCHAR;
 """
 
 # Open-ended tasks: judge calls and their calibration against human verdicts (judge.py,

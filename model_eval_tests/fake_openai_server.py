@@ -15,6 +15,8 @@ Endpoints (on 127.0.0.1, ephemeral port, in a background thread with its own eve
 * ``POST /v1/chat/completions`` - answered as the script says (see `Reply`).
 * ``POST /v1/completions``      - the same, as a text completion (``choices[0].text``); scripts see
                                   the prompt as `last_message` and the endpoint as `endpoint`.
+                                  With ``"stream": true`` both answer "ok" replies as server-sent
+                                  events (a word a piece, usage last if ``stream_options`` asks).
 * ``GET  /v1/models``           - lists the model id (``fake`` by default), or every id of ``listed_models``
                                   (an endpoint serving a mix of chat, embedding and speech models).
 * ``GET  /_fake/stats``         - the counters as JSON; used when the server runs in another
@@ -413,6 +415,8 @@ class FakeOpenAIServer:
                 pass
             if self._stopping.is_set():
                 return web.Response(status=503, text="shutting down")
+        if reply.kind in ("ok", "hang") and payload.get("stream") is True:
+            return await self._sse(request, payload, reply, endpoint)
         if reply.kind in ("ok", "hang"):
             return web.json_response(self._completion(payload, reply, endpoint))
         if reply.kind == "drip":
@@ -439,6 +443,36 @@ class FakeOpenAIServer:
                     return response
                 except asyncio.TimeoutError:
                     pass
+        await response.write_eof()
+        return response
+
+    async def _sse(self, request: web.Request, payload: dict[str, Any], reply: Reply, endpoint: str) -> web.StreamResponse:
+        """`stream: true`: the text as server-sent events, one word a piece, as OpenAI streams; the usage
+        in a last event when `stream_options.include_usage` asks for it."""
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        ident, created, model = f"chatcmpl-fake-{next(self._ids)}", int(time.time()), payload.get("model") or self.model_id
+        words = reply.text.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+        def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> bytes:
+            body = {"id": ident, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion",
+                    "created": created, "model": model, "choices": [choice] if choice else []}
+            if usage is not None:
+                body["usage"] = usage
+            return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+        for piece in pieces:
+            choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": None} if endpoint == "chat"
+                      else {"index": 0, "text": piece, "finish_reason": None})
+            await response.write(event(choice))
+        final = ({"index": 0, "delta": {}, "finish_reason": reply.finish_reason} if endpoint == "chat"
+                 else {"index": 0, "text": "", "finish_reason": reply.finish_reason})
+        await response.write(event(final))
+        if (payload.get("stream_options") or {}).get("include_usage"):
+            await response.write(event(None, {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                                              "total_tokens": reply.prompt_tokens + reply.completion_tokens}))
+        await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
