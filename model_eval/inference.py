@@ -360,6 +360,7 @@ async def run_model(
     text_completion: CompletionFn | None = None,
     on_progress: ProgressFn | None = None,
     progress_every: int = 10,
+    progress_interval_s: float = 2.0,
     cache_max_age_s: float | None = None,
     sink: Callable[[pl.DataFrame], None] | None = None,
     batch_rows: int = 5000,
@@ -379,6 +380,9 @@ async def run_model(
     through `completion`, completion-mode requests (those with a prompt) through `text_completion`.
     Adaptive mode (`model_eval.adaptive`): `admit(request)` is asked just before a request is
     answered (from the cache or by a call) and may turn it down; `observe(row)` sees every row.
+    Progress is reported every `progress_every` rows but at most once per `progress_interval_s`, and
+    at the end: a Dagster log line costs a committed event, and a fast endpoint would otherwise get
+    hundreds of them, each holding up the event loop.
     """
     if total is None and isinstance(requests, list):
         total = len(requests)
@@ -389,6 +393,7 @@ async def run_model(
     secrets = [k for k in [client.key] if k]
     rows: list[dict[str, Any]] = []
     limit = AdaptiveLimit(spec.max_concurrency)
+    last_progress = started
 
     def finish(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -403,7 +408,10 @@ async def run_model(
             stats.error_classes[row["error_class"]] = stats.error_classes.get(row["error_class"], 0) + 1
         if row["cost_usd"] is None and not row["error_class"]:
             stats.unknown_cost += 1
-        if on_progress and (stats.done % progress_every == 0 or stats.done == stats.total):
+        nonlocal last_progress
+        due = stats.done % progress_every == 0 and time.perf_counter() - last_progress >= progress_interval_s
+        if on_progress and (due or stats.done == stats.total):
+            last_progress = time.perf_counter()
             try:
                 on_progress(stats)
             except Exception as exc:  # noqa: BLE001 - progress reporting must never change the results

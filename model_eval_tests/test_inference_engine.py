@@ -360,7 +360,7 @@ def test_interrupted_run_resumes_without_resending_finished_calls(server, cache,
                 run_task.cancel()
 
         run_task = asyncio.create_task(run_model(spec, requests, cache, retry=FAST_RETRY,
-                                                 on_progress=progress, progress_every=1))
+                                                 on_progress=progress, progress_every=1, progress_interval_s=0))
         done, _ = await asyncio.wait([run_task], timeout=30)
         assert run_task in done and run_task.cancelled()
 
@@ -475,10 +475,21 @@ def test_a_failing_progress_callback_does_not_duplicate_rows(server, cache, make
             raised.append(stats.done)
             raise RuntimeError("progress sink unavailable")
 
-    frame, _ = run(spec, requests, cache, on_progress=flaky_progress, progress_every=1)
+    frame, _ = run(spec, requests, cache, on_progress=flaky_progress, progress_every=1, progress_interval_s=0)
     assert raised
     assert_one_row_per_request(frame, requests)
     assert frame["error_class"].null_count() == 5
+
+
+def test_progress_is_reported_at_most_once_per_interval_and_always_at_the_end(server, cache, make_spec):
+    server.script = always(ok())
+    spec = make_spec(server, max_concurrency=4)
+    seen: dict[float, list[int]] = {0: [], 3600: []}
+    for interval, reports in seen.items():
+        run(spec, make_requests(spec, 30, prefix=f"i{interval}"), cache, progress_every=1, progress_interval_s=interval,
+            on_progress=lambda stats, reports=reports: reports.append(stats.done))
+    assert seen[0] == list(range(1, 31))       # no interval: every row
+    assert seen[3600] == [30]                   # an interval longer than the run: only the last
 
 
 # ---------------------------------------------------------------- completion mode (base models)
