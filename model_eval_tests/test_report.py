@@ -231,3 +231,19 @@ def test_a_task_no_model_was_evaluated_on_still_gets_its_section(tmp_path):
     assert written.path.name == "r1.html" and (paths.reports_dir / "latest.html").exists()
     assert "No model was evaluated on this version." in page and "threshold unknown (task file gone)" in page
     assert "no model qualifies" in page and "Plotly.newPlot" not in page
+
+
+def test_the_trends_axis_spans_at_least_an_hour_around_runs_minutes_apart(project):
+    # The two runs of the fixture are seconds apart: the axis must not zoom to fractions of a second.
+    from datetime import datetime, timedelta
+
+    from model_eval.report import report_data
+    from model_eval.report.charts import trends_chart
+
+    data = report_data(project.paths, project.outcomes[1].eval_run_id)
+    for section in data.tasks:
+        figure = trends_chart(section, colours={m: "#000" for m in section.trends["model"].unique()})
+        low, high = (datetime.fromisoformat(edge) for edge in figure.layout.xaxis.range)
+        shown = [datetime.fromisoformat(x) for trace in figure.data for x in trace.x]
+        assert len(shown) >= 2 and high - low >= timedelta(hours=1)
+        assert all(low < when < high for when in shown)

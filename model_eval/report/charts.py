@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import plotly.graph_objects as go
 import polars as pl
@@ -221,5 +221,15 @@ def trends_chart(section: TaskSection, colours: dict[str, str]) -> go.Figure:
                       height=560)
     fig.update_yaxes(range=[0, 1.05], title="accuracy", row=1, col=1)
     fig.update_yaxes(rangemode="tozero", title="p95 latency (ms)", row=2, col=1)
-    fig.update_xaxes(type="date")
+    fig.update_xaxes(type="date", range=_padded_time_range(trends["when"].to_list()))
     return fig
+
+
+def _padded_time_range(times: list) -> list[str] | None:
+    """The runs' time span with a margin of at least 30 minutes: left to itself, Plotly zooms a single
+    run (or runs seconds apart) down to milliseconds and labels the axis with fractions of a second."""
+    if not times:
+        return None
+    first, last = min(times), max(times)
+    margin = max((last - first) * 0.05, timedelta(minutes=30))
+    return [(first - margin).isoformat(), (last + margin).isoformat()]
