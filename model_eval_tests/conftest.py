@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,28 @@ class ListLog:
 
     def text(self) -> str:
         return "\n".join(m for _, m in self.lines)
+
+
+@pytest.fixture(autouse=True)
+def no_dagster_context_left_open(request):
+    """Fail the test that leaves a Dagster evaluation context open.
+
+    A sensor, schedule or run-status context built without `with` opens an instance of its own and
+    leaves its storage as the thread's current "defs state storage"; once that instance is garbage
+    collected, every later `load_from_defs_folder` in the process fails with "Attempted to resolve
+    undefined DagsterInstance weakref" (seen in a full run, far from the test that caused it). The
+    check reads Dagster's own context variable, a private name: there is no public one.
+    """
+    yield
+    if "dagster" not in sys.modules:
+        return
+    from dagster._core.storage.defs_state.base import DefsStateStorage
+
+    if DefsStateStorage.get() is not None:
+        from dagster._core.storage.defs_state.base import _current_storage
+
+        _current_storage.set(None)   # so the tests after this one are not failed for it
+        pytest.fail(f"{request.node.nodeid} left a Dagster context open (build_*_context without `with`)")
 
 
 @pytest.fixture

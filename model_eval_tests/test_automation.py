@@ -55,8 +55,11 @@ def env(tmp_path, monkeypatch):
 
 
 def tick(sensor, env, cursor=None):
-    context = dg.build_sensor_context(instance=env["instance"], cursor=cursor, resources=RESOURCES, definitions=DEFINITIONS)
-    result = sensor(context)
+    # Entered as a context manager, as Dagster asks: a context left open keeps the instance it opened as
+    # the thread's current "defs state storage", which breaks definitions loaded later in this process.
+    with dg.build_sensor_context(instance=env["instance"], cursor=cursor, resources=RESOURCES,
+                                 definitions=DEFINITIONS) as context:
+        result = sensor(context)
     if isinstance(result, dg.SensorResult):
         for request in result.dynamic_partitions_requests or []:
             env["instance"].add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
@@ -118,9 +121,9 @@ def test_models_listed_by_a_discovery_endpoint_are_registered_and_evaluated_once
 
 def test_finished_batch_triggers_recommendation_and_promotion_once(env):
     add_model(env, "second")
-    schedule_context = dg.build_schedule_context(instance=env["instance"], resources=RESOURCES,
-                                                 scheduled_execution_time=datetime(2026, 11, 29, 1, 0))
-    requests = list(DEFINITIONS.resolve_schedule_def("weekly_evaluation")(schedule_context))
+    with dg.build_schedule_context(instance=env["instance"], resources=RESOURCES,
+                                   scheduled_execution_time=datetime(2026, 11, 29, 1, 0)) as schedule_context:
+        requests = list(DEFINITIONS.resolve_schedule_def("weekly_evaluation")(schedule_context))
     assert sorted(r.partition_key for r in requests) == ["first", "second"]
     assert {r.tags[EVAL_RUN_TAG] for r in requests} == {"weekly-20261129T0100"}
     assert all(r.run_config["ops"]["inference_results"]["config"]["max_cache_age_hours"] == 24.0 for r in requests)
@@ -178,10 +181,10 @@ def test_a_failed_run_sends_an_alert(env):
     result = execute(env, requests[0])
     assert not result.success
     failure = env["instance"].all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)[0].dagster_event
-    context = dg.build_run_status_sensor_context(sensor_name="alert_on_run_failure", dagster_event=failure,
-                                                 dagster_instance=env["instance"], dagster_run=result.dagster_run,
-                                                 resources=RESOURCES).for_run_failure()
-    alert_on_run_failure(context)
+    with dg.build_run_status_sensor_context(sensor_name="alert_on_run_failure", dagster_event=failure,
+                                            dagster_instance=env["instance"], dagster_run=result.dagster_run,
+                                            resources=RESOURCES) as status_context:
+        alert_on_run_failure(status_context.for_run_failure())
     body = env["webhook"].requests[-1].json()
     assert "run of refresh_model failed" in body["text"] and "[CRITICAL]" in body["text"]
     logged = [json.loads(line) for line in (env["tmp"] / "alerts.log").read_text().splitlines()]

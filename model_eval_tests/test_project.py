@@ -100,9 +100,10 @@ def test_a_bad_deployment_file_keeps_the_code_location_loading_and_fails_the_sch
     assert schedule.cron_schedule == deployment_module.DEFAULT_SCHEDULE_CRON
     assert definitions.resolve_job_def("refresh_model") is not None
 
-    context = dg.build_schedule_context(instance=project_files["instance"], resources={"model_eval": definitions.resources["model_eval"]})
-    with pytest.raises(Exception) as caught:
-        list(schedule(context))
+    with dg.build_schedule_context(instance=project_files["instance"],
+                                   resources={"model_eval": definitions.resources["model_eval"]}) as context:
+        with pytest.raises(Exception) as caught:
+            list(schedule(context))
     message = str(caught.value)
     assert str(deployment) in message and f"line {bad_line}" in message and "gates.min_cases" in message
 
