@@ -125,14 +125,17 @@ class AdaptivePlan:
 
     `tasks` maps task name -> (case ids, threshold); `champions` maps task name -> the current
     champion's case scores, for tasks whose policy ranks by accuracy first (only then may a model
-    be stopped for not beating it). `seed` fixes the case order (use the eval run id).
+    be stopped for not beating it). `seed` fixes the case order. `repeats` (task name -> repeats per
+    case) caps `min_repeats` for a task that asks fewer repeats than that.
     """
 
     def __init__(self, tasks: dict[str, tuple[list[str], float]], min_repeats: int, *, seed: str,
-                 alpha: float = 0.05, champions: dict[str, dict[str, float]] | None = None):
+                 alpha: float = 0.05, champions: dict[str, dict[str, float]] | None = None,
+                 repeats: dict[str, int] | None = None):
         if min_repeats < 1:
             raise ValueError("min_repeats must be at least 1")
         self.min_repeats = min_repeats
+        self._repeats_of = {name: max(1, min(min_repeats, n)) for name, n in (repeats or {}).items()}
         self.tasks: dict[str, TaskBudget] = {}
         for name, (case_ids, threshold) in tasks.items():
             order = sorted(set(case_ids))
@@ -148,6 +151,10 @@ class AdaptivePlan:
         self.skipped_repeats = 0
         self.skipped_stopped = 0
 
+    def first_repeats(self, task: str) -> int:
+        """How many repeats of each case of `task` the tests read (and are always asked)."""
+        return self._repeats_of.get(task, self.min_repeats)
+
     # ------------------------------------------------------------ order
     def arrange(self, requests: Iterable[_Request]) -> Iterator[_Request]:
         """Requests in the order the tests need: every task's cases in their random order, tasks
@@ -160,7 +167,7 @@ class AdaptivePlan:
         later = []
         for key in _round_robin(queues):
             for request in sorted(by_case[key], key=lambda r: r.repeat):
-                if request.repeat < self.min_repeats:
+                if request.repeat < self.first_repeats(request.task):
                     yield request
                 else:
                     later.append(request)
@@ -175,10 +182,12 @@ class AdaptivePlan:
         if budget.outcome != COMPLETE:
             self.skipped_stopped += 1
             return False
-        if request.repeat >= self.min_repeats:
+        needed = self.first_repeats(request.task)
+        if request.repeat >= needed:
             answers = self._answers.get((request.task, request.case_id), {})
-            first = [answers[r][0] for r in range(self.min_repeats) if r in answers]
-            if len(first) == self.min_repeats and len(set(first)) == 1:
+            first = [answers[r][0] for r in range(needed) if r in answers]
+            # Failed calls (None) are never "stable": an outage says nothing about the model's answer.
+            if len(first) == needed and len(set(first)) == 1 and first[0] is not None:
                 self.skipped_repeats += 1
                 return False
         return True
@@ -193,9 +202,10 @@ class AdaptivePlan:
         self._advance(budget)
 
     def _case_score(self, task: str, case_id: str) -> float | None:
+        needed = self.first_repeats(task)
         answers = self._answers.get((task, case_id), {})
-        first = [answers[r][1] for r in range(self.min_repeats) if r in answers]
-        return sum(first) / len(first) if len(first) == self.min_repeats else None
+        first = [answers[r][1] for r in range(needed) if r in answers]
+        return sum(first) / len(first) if len(first) == needed else None
 
     def _advance(self, budget: TaskBudget) -> None:
         """Feed the tests every case, in the plan's order, whose first repeats are all in."""

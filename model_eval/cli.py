@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     outcome = run_evaluation(defs(), instance, project, runnable, task_names, trigger="cli",
                              log_level="WARNING" if args.quiet else "INFO",
-                             max_cache_age_hours=0.0 if args.fresh else args.max_cache_age_hours)
+                             max_cache_age_hours=0.0 if args.fresh else args.max_cache_age_hours, adaptive=args.adaptive)
     if outcome.error:
         for model, error in outcome.failed.items():
             print(f"error: {model}: {error}", file=sys.stderr)
@@ -152,6 +152,11 @@ def _print_leaderboard(paths: ProjectPaths, eval_run_id: str, task_names: list[s
             memory = "unknown" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
             print(f"  {r['model']:<22}{r['cases']:>4}  {acc:<22}{r['flip_rate']:>6.2f}{r['consistency']:>11.2f}"
                   f"{r['success_rate']:>9.2f}{p50:>9}{p95:>9}{cost:>12}{rate:>8}{memory:>9}")
+        # Stopped by adaptive evaluation: shown with the case it stopped at and why, never ranked.
+        stopped = board.filter((pl.col("task") == rec["task"]) & (pl.col("dataset_version") == rec["dataset_version"])
+                               & pl.col("model").is_in(rec["stopped"] or []))
+        for r in stopped.iter_rows(named=True):
+            print(f"  {r['model']:<22}{'-':>4}  {r['status']}, not ranked: {r['status_reason']}")
         champion = rec["champion"] or "none qualified"
         print(f"  champion: {champion}; runner-up: {rec['runner_up'] or '-'}"
               + (f"; confidence {rec['confidence']:.2f}" if rec["confidence"] is not None else ""))
@@ -300,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-cost", type=float, default=None, metavar="USD",
                      help="refuse to start if the expected cost (model-eval plan) is above this")
     run.add_argument("--allow-unknown-cost", action="store_true", help="with --max-cost: start even if some costs are unknown")
+    run.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                     help="stop evaluating a model on a task once it provably cannot qualify or beat the champion, and skip "
+                          "repeats of settled cases (default: deployment.yaml's adaptive.enabled, off unless set)")
     run.set_defaults(func=cmd_run)
     plan = sub.add_parser("plan", help="calls, expected tokens, cost and time per model and task, before a run")
     plan.add_argument("--models", help="comma-separated model names from the registry (default: every enabled model)")

@@ -1,5 +1,5 @@
 """deployment.yaml: initial assignments, promotion gates, rollout stages, rollback thresholds,
-alerts, the schedule and model discovery. Every bad field is reported by name and line."""
+alerts, the schedule, model discovery and adaptive evaluation. Every bad field is reported by name and line."""
 
 from __future__ import annotations
 
@@ -53,6 +53,36 @@ class Judges:
 
 
 @dataclass(frozen=True)
+class Adaptive:
+    """Adaptive evaluation (model_eval/adaptive.py, docs/decisions.md section 11): off unless turned on."""
+
+    enabled: bool = False        # `model-eval run`, the UI and the new-model sensor; `--adaptive` / `--no-adaptive` override it
+    schedule: bool = False       # the weekly re-evaluation stays exhaustive unless this is true
+    alpha: float = 0.05          # the chance the bound stops a model that would in fact have qualified (or won)
+
+
+ADAPTIVE_FIELDS = ("enabled", "schedule", "alpha")
+
+
+def _adaptive(data: dict, path: Path) -> Adaptive:
+    raw = data.get("adaptive")
+    if raw is None:
+        return Adaptive()
+    if not isinstance(raw, dict):
+        raise InputError(path, "must be a mapping (enabled, schedule, alpha)", field="adaptive")
+    unknown = sorted(set(raw) - set(ADAPTIVE_FIELDS))
+    if unknown:
+        raise InputError(path, f"unknown setting; allowed: {', '.join(ADAPTIVE_FIELDS)}", field=f"adaptive.{unknown[0]}")
+    for key in ("enabled", "schedule"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise InputError(path, f"must be true or false, got {raw[key]!r}", field=f"adaptive.{key}")
+    alpha = raw.get("alpha", Adaptive.alpha)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise InputError(path, f"must be a number strictly between 0 and 1, got {alpha!r}", field="adaptive.alpha")
+    return Adaptive(enabled=raw.get("enabled", False), schedule=raw.get("schedule", False), alpha=float(alpha))
+
+
+@dataclass(frozen=True)
 class DiscoveryEndpoint:
     kind: str                    # "openai_compatible" | "ollama"
     api_base: str
@@ -75,6 +105,7 @@ class Deployment:
     discovery: tuple[DiscoveryEndpoint, ...] = field(default=())
     drift: DriftSettings = field(default_factory=DriftSettings)
     judges: Judges = field(default_factory=Judges)
+    adaptive: Adaptive = field(default_factory=Adaptive)
 
 
 def _section(data: dict, name: str, cls, path: Path):
@@ -167,7 +198,7 @@ def _parse(data, path: Path, base_dir: Path) -> Deployment:
     from model_eval.alerts import AlertSettings
     if not isinstance(data, dict):
         raise InputError(path, "must be a mapping of sections")
-    known = {"initial_assignments", "gates", "rollout", "degradation", "alerts", "schedule", "discovery", "drift", "judges"}
+    known = {"initial_assignments", "gates", "rollout", "degradation", "alerts", "schedule", "discovery", "drift", "judges", "adaptive"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise InputError(path, f"unknown section; allowed: {', '.join(sorted(known))}", field=unknown[0])
@@ -210,4 +241,5 @@ def _parse(data, path: Path, base_dir: Path) -> Deployment:
         discovery=tuple(endpoints),
         drift=_section(data, "drift", DriftSettings, path),
         judges=_section(data, "judges", Judges, path),
+        adaptive=_adaptive(data, path),
     )

@@ -136,10 +136,11 @@ JOIN (SELECT model, task, dataset_version, max(evaluated_at) AS evaluated_at
 
 def latest_metrics(conn: duckdb.DuckDBPyConnection, model: str, task: str, dataset_version: str,
                    since=None) -> dict | None:
-    """The newest metrics row of `model` on one task version; None if there is none (or none after `since`)."""
+    """The newest metrics row of a complete evaluation of `model` on one task version; None if there is none
+    (or none after `since`). An evaluation adaptive mode stopped is partial: never a gate's or a baseline's figures."""
     frame = conn.sql("""
         SELECT * FROM model_task_metrics WHERE model = $model AND task = $task AND dataset_version = $version
-        ORDER BY evaluated_at DESC LIMIT 1""", params={"model": model, "task": task, "version": dataset_version}).pl()
+        AND status = 'complete' ORDER BY evaluated_at DESC LIMIT 1""", params={"model": model, "task": task, "version": dataset_version}).pl()
     if not frame.height:
         return None
     row = frame.row(0, named=True)

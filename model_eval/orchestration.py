@@ -75,7 +75,9 @@ def run_evaluation(
     log_level: str = "WARNING",
     say: Callable[[str], None] = lambda line: print(line, flush=True),
     max_cache_age_hours: float | None = None,
+    adaptive: bool | None = None,
 ) -> EvaluationOutcome:
+    """`adaptive`: True or False decides; None follows deployment.yaml (`adaptive.enabled`)."""
     warehouse_file = project.paths.warehouse_file
     reap_dead_runs(instance, warehouse_file, say)
     outcome = EvaluationOutcome(eval_run_id=new_eval_run_id())
@@ -83,7 +85,8 @@ def run_evaluation(
     with warehouse.write_connection(warehouse_file) as conn:
         eval_runs.start(conn, outcome.eval_run_id, trigger, ProcessIdentity.current())
     try:
-        _run_jobs(defs, instance, project, models, task_names, outcome, tags, log_level, say, max_cache_age_hours)
+        _run_jobs(defs, instance, project, models, task_names, outcome, tags, log_level, say,
+                  {"max_cache_age_hours": max_cache_age_hours, "adaptive": adaptive})
     finally:
         _mark_incomplete_unless_complete(warehouse_file, outcome)
     return outcome
@@ -101,7 +104,7 @@ def _mark_incomplete_unless_complete(warehouse_file: Path, outcome: EvaluationOu
 
 def _run_jobs(defs: dg.Definitions, instance: dg.DagsterInstance, project: Project, models: list[ModelSpec],
               task_names: list[str], outcome: EvaluationOutcome, tags: dict[str, str], log_level: str,
-              say: Callable[[str], None], max_cache_age_hours: float | None) -> None:
+              say: Callable[[str], None], inference_settings: dict) -> None:
     logging_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
     def execute(job_name: str, **kwargs) -> str | None:
@@ -126,7 +129,7 @@ def _run_jobs(defs: dg.Definitions, instance: dg.DagsterInstance, project: Proje
         for index, spec in enumerate(models, start=1):
             started = time.perf_counter()
             say(f"[{index}/{len(models)}] {spec.name}: evaluating ...")
-            inference_config = {"tasks": task_names, "max_cache_age_hours": max_cache_age_hours}
+            inference_config = {"tasks": task_names, **inference_settings}
             config = {**logging_config, "ops": {"inference_results": {"config": inference_config}}}
             error = execute("evaluate_model", partition_key=spec.name, run_config=config)
             if error:

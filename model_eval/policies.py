@@ -184,6 +184,9 @@ class Policy(ABC):
     score_name: ClassVar[str]
     #: Ranking direction of the score; None scores always rank last.
     higher_is_better: ClassVar[bool] = True
+    #: Ranks by accuracy before anything else: then a model shown less accurate than the champion can
+    #: never win, and adaptive evaluation may stop it (model_eval/adaptive.py, "cannot beat the champion").
+    ranks_by_accuracy_first: ClassVar[bool] = False
 
     def qualifies(self, candidate: Candidate, threshold: float) -> bool:
         return candidate.accuracy >= threshold - EPSILON
@@ -336,6 +339,7 @@ class QualityPolicy(Policy):
     name = "quality"
     rule = "highest accuracy, then correctness, then consistency"
     score_name = "accuracy (higher is better)"
+    ranks_by_accuracy_first = True
 
     def score(self, candidate: Candidate, threshold: float, anchors: Anchors) -> float | None:
         return candidate.accuracy

@@ -29,20 +29,25 @@ def score_results(results: pl.DataFrame, cases: pl.DataFrame, tasks: dict[str, T
     }
     rows = []
     for row in results.iter_rows(named=True):
-        task = tasks.get(row["task"])
         key = (row["task"], row["dataset_version"], row["case_id"])
         base = {k: row[k] for k in ("eval_run_id", "model", "task", "dataset_version", "case_id", "repeat",
                                     "latency_ms", "input_tokens", "output_tokens", "cost_usd")}
-        if task is None or key not in expected:
-            # The golden set changed under the results (task removed or case gone): say so, never guess.
-            rows.append({**base, "scorer": task.scorer if task else None, "score": 0.0, "correct": False, "parsed": None,
-                         "reason": "case is not in the current golden set", "call_failed": row["error_class"] is not None})
-            continue
-        if row["error_class"] is not None:
-            rows.append({**base, "scorer": task.scorer, "score": 0.0, "correct": False, "parsed": None,
-                         "reason": f"call failed: {row['error_class']}", "call_failed": True})
-            continue
-        result = get_scorer(task.scorer).score(row["response_text"], expected[key], task.scorer_settings)
-        rows.append({**base, "scorer": task.scorer, "score": float(result.value), "correct": bool(result.correct),
-                     "parsed": result.parsed, "reason": result.reason, "call_failed": False})
+        rows.append({**base, **score_row(row, tasks.get(row["task"]), key in expected, expected.get(key))})
     return pl.DataFrame(rows, schema=SCORE_SCHEMA)
+
+
+def score_row(row: dict, task: TaskSpec | None, known_case: bool, expected) -> dict:
+    """The score fields of one inference row (scorer, score, correct, parsed, reason, call_failed).
+
+    `known_case`: the case is in the current golden set, with `expected` its expected answer. Also
+    used by adaptive evaluation to score each answer the moment it arrives (model_eval/adaptive_run.py)."""
+    if task is None or not known_case:
+        # The golden set changed under the results (task removed or case gone): say so, never guess.
+        return {"scorer": task.scorer if task else None, "score": 0.0, "correct": False, "parsed": None,
+                "reason": "case is not in the current golden set", "call_failed": row["error_class"] is not None}
+    if row["error_class"] is not None:
+        return {"scorer": task.scorer, "score": 0.0, "correct": False, "parsed": None,
+                "reason": f"call failed: {row['error_class']}", "call_failed": True}
+    result = get_scorer(task.scorer).score(row["response_text"], expected, task.scorer_settings)
+    return {"scorer": task.scorer, "score": float(result.value), "correct": bool(result.correct),
+            "parsed": result.parsed, "reason": result.reason, "call_failed": False}

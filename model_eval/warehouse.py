@@ -92,6 +92,23 @@ CREATE TABLE IF NOT EXISTS recommendations (
     qualified VARCHAR[], candidates VARCHAR[], ranking_json VARCHAR, reasoning VARCHAR,
     source_eval_runs VARCHAR[], created_at TIMESTAMP
 );
+-- Models stopped by adaptive evaluation (evaluation_status), listed beside the ranking, never in it.
+ALTER TABLE recommendations ADD COLUMN IF NOT EXISTS stopped VARCHAR[];
+-- How each (eval run, model, task) ended (model_eval/adaptive_run.py): 'complete' (every exhaustive run, and an
+-- adaptive one no bound stopped), 'stopped: cannot qualify' or 'stopped: cannot beat the champion'. Written in the
+-- transaction that writes the inference slice. A stopped (model, task) is never ranked on its partial rows.
+CREATE TABLE IF NOT EXISTS evaluation_status (
+    eval_run_id VARCHAR, model VARCHAR, task VARCHAR, dataset_version VARCHAR, status VARCHAR, reason VARCHAR,
+    adaptive BOOLEAN,                         -- the task was under an adaptive plan in this run
+    cases_total BIGINT,                       -- cases of the task's current golden version
+    cases_scored BIGINT,                      -- cases the decision rests on: all, or the n a bound stopped it at
+    calls_made BIGINT,                        -- answers recorded (sent to the model or reused from the cache)
+    calls_saved BIGINT,                       -- requests not asked: after a stop, and repeats of settled cases
+    decided_at TIMESTAMP
+);
+-- The evaluation's status beside its figures, so ranking and baselines can leave stopped ones out.
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'complete';
+ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS status_reason VARCHAR;
 """
 
 CREATE_PROMOTION_TABLES = """

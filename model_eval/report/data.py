@@ -6,7 +6,7 @@ run's recommendation weighed (from the eval runs it names), not whatever is newe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 import duckdb
 import polars as pl
@@ -32,6 +32,8 @@ class TaskSection:
     assignments: pl.DataFrame       # the task's whole assignment history, oldest first
     trends: pl.DataFrame            # every metrics row of the task, all runs and versions
     drift: pl.DataFrame             # `model_drift` rows of this run
+    # Models adaptive evaluation stopped on this task (never ranked): their status, reason and partial figures.
+    stopped: pl.DataFrame = field(default_factory=pl.DataFrame)
 
     @property
     def champion(self) -> str | None:
@@ -95,6 +97,15 @@ QUALIFY row_number() OVER (PARTITION BY model ORDER BY evaluated_at DESC) = 1
 ORDER BY accuracy DESC, p95_latency_ms NULLS LAST, model
 """
 
+# The stopped evaluations the recommendation left out: each model's newest one made before it.
+STOPPED_SQL = """
+SELECT * FROM model_task_metrics
+WHERE task = $task AND dataset_version = $version AND list_contains($models, model) AND status <> 'complete'
+  AND evaluated_at <= $made
+QUALIFY row_number() OVER (PARTITION BY model ORDER BY evaluated_at DESC) = 1
+ORDER BY model
+"""
+
 # Per case and model: how often it was right and what it answered, from the run its metrics came from.
 CASE_GRID_SQL = """
 WITH runs AS (SELECT unnest($models) AS model, unnest($runs) AS eval_run_id),
@@ -126,8 +137,11 @@ def _task_section(conn: duckdb.DuckDBPyConnection, eval_run_id: str, rec: dict, 
     gates = _rows(conn, "promotion_gates", "SELECT * FROM promotion_gates WHERE eval_run_id = $run AND task = $task ORDER BY checked_at, gate",
                   {"run": eval_run_id, "task": task})
     assignments = _rows(conn, "model_assignments", "SELECT * FROM model_assignments WHERE task = $task ORDER BY seq", {"task": task})
+    # Partial figures of stopped evaluations are no trend: only complete evaluations.
     trends = conn.sql("""SELECT m.*, r.started_at FROM model_task_metrics m LEFT JOIN eval_runs r USING (eval_run_id)
-                         WHERE m.task = $task ORDER BY m.evaluated_at""", params={"task": task}).pl()
+                         WHERE m.task = $task AND m.status = 'complete' ORDER BY m.evaluated_at""", params={"task": task}).pl()
+    stopped = conn.sql(STOPPED_SQL, params={"task": task, "version": version, "models": rec.get("stopped") or [],
+                                            "made": rec["created_at"]}).pl()
     drift = _rows(conn, "model_drift", "SELECT * FROM model_drift WHERE eval_run_id = $run AND task = $task ORDER BY model, metric",
                   {"run": eval_run_id, "task": task})
     spec = specs.get(task)
@@ -135,7 +149,7 @@ def _task_section(conn: duckdb.DuckDBPyConnection, eval_run_id: str, rec: dict, 
                        threshold=spec.qualification_threshold if spec is not None else None,
                        description=spec.description if spec is not None else "",
                        recommendation=rec, leaderboard=board, case_grid=grid, gates=gates, assignments=assignments,
-                       trends=trends, drift=drift)
+                       trends=trends, drift=drift, stopped=stopped)
 
 
 def run_cost(conn: duckdb.DuckDBPyConnection, eval_run_id: str) -> tuple[float | None, int, int]:

@@ -93,6 +93,13 @@ def leaderboard_table(section: TaskSection) -> str:
     return _table(headers, rows, numeric)
 
 
+def stopped_table(section: TaskSection) -> str:
+    """Models adaptive evaluation stopped: what it decided and why, with the rows they did answer. Never ranked."""
+    rows = [[_e(r["model"]), _e(r["status"]), str(r["cases"]), str(r["calls"]), f'<span class="reason">{_e(r["status_reason"])}</span>']
+            for r in section.stopped.iter_rows(named=True)]
+    return _table(["model", "status", "cases answered", "calls", "why"], rows, {2, 3})
+
+
 def _column(row: dict, name: str):
     """A column older warehouses lack reads as missing."""
     return row.get(name)
@@ -145,12 +152,20 @@ def _task_html(section: TaskSection, colours: dict[str, str], index: int) -> str
              + (f" · confidence {rec['confidence']:.2f}" if rec["confidence"] is not None else "") + "</p>",
              f'<p class="reason">{_e(rec["reasoning"])}</p>']
     if section.leaderboard.is_empty():
-        parts.append('<p class="note">No model was evaluated on this version.</p></section>')
+        if section.stopped.is_empty():
+            parts.append('<p class="note">No model was evaluated on this version.</p></section>')
+        else:
+            parts += ['<p class="note">No model completed an evaluation on this version.</p>',
+                      "<h3>Stopped early (not ranked)</h3>", stopped_table(section), "</section>"]
         return "\n".join(parts)
     parts += ["<h3>Leaderboard</h3>", leaderboard_table(section),
               '<p class="note">Accuracy is the mean over cases of each case\'s share of right repeats; its 95% interval is '
               'the one model_task_metrics stores (over cases). pass^k: share of cases right on every repeat; flip rate: '
               'share of cases whose repeats disagree.</p>',
+              *([] if section.stopped.is_empty() else
+                ["<h3>Stopped early (not ranked)</h3>", stopped_table(section),
+                 '<p class="note">Adaptive evaluation stopped these models once an anytime-valid bound showed they could not '
+                 'qualify (or not beat the champion); their partial figures never enter the ranking.</p>']),
               '<div class="grid2">',
               _figure(charts.accuracy_chart(section, colours), f"{anchor}-accuracy"),
               _figure(charts.trends_chart(section, colours), f"{anchor}-trends"),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from model_eval import capacity, eval_runs, warehouse
+from model_eval.adaptive_run import STATUS_COLUMNS, AdaptiveRun, current_champions, expected_answers, status_rows
 from model_eval.crash_points import crash_point
 from model_eval.errors import GoldenSetError
 from model_eval.inference import ProgressFn, RetryPolicy, RunStats, iter_requests, run_model
@@ -32,6 +33,11 @@ SELECT c.task, c.dataset_version, c.case_id, c.inputs_json
 FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
 WHERE v.is_current AND list_contains($tasks::VARCHAR[], c.task)"""
 
+CURRENT_EXPECTED_FOR_TASKS = """
+SELECT DISTINCT c.task, c.dataset_version, c.case_id, c.expected_json
+FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash)
+WHERE v.is_current AND list_contains($tasks::VARCHAR[], c.task)"""
+
 CURRENT_EXPECTED_ANSWERS = """
 SELECT DISTINCT c.task, c.dataset_version, c.case_id, c.expected_json, c.inputs_json
 FROM golden_cases c JOIN golden_versions v USING (task, dataset_version, file_hash) WHERE v.is_current"""
@@ -50,8 +56,11 @@ def run_inference(
     retry: RetryPolicy = RetryPolicy(),
     completion=None,
     cache_max_age_s: float | None = None,
+    adaptive: bool = False,
 ) -> RunStats:
-    """Every (case x repeat) of every task the model serves; replaces this (eval run, model) slice."""
+    """Every (case x repeat) of every task the model serves; replaces this (eval run, model) slice and its
+    `evaluation_status` rows. `adaptive`: stop asking where the answers so far settle the decision
+    (model_eval/adaptive_run.py); the status rows say where it stopped and why."""
     paths = project.paths
     spec = project.registry.get(model_name)
     tasks = [t for t in project.select_tasks(task_names) if spec.serves(t.name, t.tier)]
@@ -75,9 +84,22 @@ def run_inference(
         reader = conn.sql(CURRENT_CASES_FOR_INFERENCE, params={"tasks": [t.name for t in tasks]}).to_arrow_reader(2000)
         cases = (row for batch in reader for row in batch.to_pylist())
         kwargs = {"completion": completion} if completion is not None else {}
+        adaptive_run = None
+        if adaptive:
+            cases = list(cases)   # the plan orders every case before the first call
+            expected = expected_answers(conn.execute(CURRENT_EXPECTED_FOR_TASKS, {"tasks": [t.name for t in tasks]}).fetchall())
+            adaptive_run = AdaptiveRun(spec, tasks, cases, expected, min_repeats=project.deployment.gates.min_repeats,
+                               alpha=project.deployment.adaptive.alpha, champions=current_champions(conn, tasks, spec.name))
+            kwargs |= {"admit": adaptive_run.admit, "observe": adaptive_run.observe}
+        requests = iter_requests(spec, tasks, cases)
         with ResponseCache(paths.cache_file) as cache, capacity.memory_sampler(spec) as sampler:
-            _, stats = asyncio.run(run_model(spec, iter_requests(spec, tasks, cases), cache, retry=retry, on_progress=on_progress,
-                                             cache_max_age_s=cache_max_age_s, sink=write_batch, total=total, **kwargs))
+            _, stats = asyncio.run(run_model(spec, requests if adaptive_run is None else adaptive_run.arrange(requests), cache, retry=retry,
+                                             on_progress=on_progress, cache_max_age_s=cache_max_age_s, sink=write_batch,
+                                             total=total, **kwargs))
+    if adaptive_run is not None:
+        for name in adaptive_run.plan.tasks:
+            status, reason, _ = adaptive_run.decision(name)
+            log.info(f"model {spec.name}, task {name}: {status} ({reason})")
     if stats.unknown_cost:
         log.warning(f"model {spec.name}: {stats.unknown_cost} call(s) have no known price; their cost is NULL")
     with warehouse.write_connection(paths.warehouse_file) as conn, warehouse.transaction(conn):
@@ -91,6 +113,7 @@ def run_inference(
         else:
             write_slice(conn, "inference_results", eval_run_id, spec.name, no_rows("inference_results"))
         _record_resources(conn, spec, eval_run_id, sampler, part_files)
+        _record_status(conn, spec, eval_run_id, tasks, counts, part_files, adaptive_run)
         _record_eval_run(conn, eval_run_id, trigger)
         crash_point("inference.write")
     shutil.rmtree(staging, ignore_errors=True)
@@ -119,6 +142,24 @@ def _record_resources(conn, spec: ModelSpec, eval_run_id: str, sampler, part_fil
         rows.append([eval_run_id, spec.name, task, spec.local_model, file_mb, None if peak is None else peak[0] / 1024,
                      0 if peak is None else peak[1], None if sampler is None else sampler.pid, utc_now()])
     conn.executemany("INSERT INTO model_resources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def _record_status(conn, spec: ModelSpec, eval_run_id: str, tasks, counts: dict[str, int], part_files: list[str],
+                   adaptive_run: AdaptiveRun | None) -> None:
+    """Replace this (eval run, model) slice of `evaluation_status`: how each task's evaluation ended."""
+    answered = dict(conn.execute("SELECT task, count(*) FROM read_parquet(?) GROUP BY task", [part_files]).fetchall()) if part_files else {}
+    conn.execute("DELETE FROM evaluation_status WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
+    conn.executemany(f"INSERT INTO evaluation_status ({', '.join(STATUS_COLUMNS)}) VALUES ({', '.join('?' * len(STATUS_COLUMNS))})",
+                     status_rows(eval_run_id, spec.name, tasks, counts, answered, adaptive_run, utc_now()))
+
+
+def evaluation_statuses(project: Project, model_name: str, eval_run_id: str) -> dict:
+    """Per task: how the evaluation ended and the calls it made and saved. For the asset's metadata."""
+    with warehouse.read_connection(project.paths.warehouse_file) as conn:
+        rows = conn.execute("""SELECT task, status, cases_scored, cases_total, calls_made, calls_saved, reason FROM evaluation_status
+                               WHERE eval_run_id = ? AND model = ? ORDER BY task""", [eval_run_id, model_name]).fetchall()
+    return {task: {"status": status, "cases": f"{scored} of {total}", "calls_made": made, "calls_saved": saved, "reason": reason}
+            for task, status, scored, total, made, saved, reason in rows}
 
 
 def capacity_summary(project: Project, model_name: str, eval_run_id: str) -> dict:

@@ -29,10 +29,13 @@ def callable_models(models: list[ModelSpec], log, warehouse_file: Path | None = 
 
 
 def evaluation_requests(models: list[ModelSpec], eval_run_id: str, trigger: str, run_key_prefix: str, *,
-                        tasks: list[str] | None = None, max_cache_age_hours: float | None = None) -> list[dg.RunRequest]:
-    """One `refresh_model` run per model, tagged so `evaluation_complete` knows when the batch is done."""
+                        tasks: list[str] | None = None, max_cache_age_hours: float | None = None,
+                        adaptive: bool | None = None) -> list[dg.RunRequest]:
+    """One `refresh_model` run per model, tagged so `evaluation_complete` knows when the batch is done.
+    `adaptive` None: the inference step follows deployment.yaml's `adaptive.enabled`."""
     tags = {EVAL_RUN_TAG: eval_run_id, TRIGGER_TAG: trigger, BATCH_TAG: str(len(models))}
-    config = {"ops": {"inference_results": {"config": {"tasks": tasks or [], "max_cache_age_hours": max_cache_age_hours}}}}
+    config = {"ops": {"inference_results": {"config": {"tasks": tasks or [], "max_cache_age_hours": max_cache_age_hours,
+                                                       "adaptive": adaptive}}}}
     return [dg.RunRequest(run_key=f"{run_key_prefix}:{m.name}", partition_key=m.name, tags=tags, run_config=config)
             for m in models]
 

@@ -29,7 +29,9 @@ def build_weekly_evaluation(cron: str, timezone: str) -> dg.ScheduleDefinition:
         for request in missing_partitions(context.instance, [m.name for m in models]):
             context.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
         eval_run_id = f"weekly-{context.scheduled_execution_time:%Y%m%dT%H%M}"
-        return evaluation_requests(models, eval_run_id, "schedule", eval_run_id, max_cache_age_hours=WEEKLY_MAX_CACHE_AGE_HOURS)
+        # Exhaustive unless deployment.yaml's `adaptive.schedule` says otherwise (never `adaptive.enabled` alone).
+        return evaluation_requests(models, eval_run_id, "schedule", eval_run_id, max_cache_age_hours=WEEKLY_MAX_CACHE_AGE_HOURS,
+                                   adaptive=project.deployment.adaptive.schedule)
 
     return weekly_evaluation
 

@@ -5,7 +5,8 @@ from model_eval.defs.partitions import MODELS
 from model_eval.defs.resources import ModelEvalResource, eval_run_id, is_orchestrated, trigger
 from model_eval.eval_runs import complete_evaluation
 from model_eval.serving import local_models_served
-from model_eval.steps.evaluation import capacity_summary, run_inference, score_model
+from model_eval.adaptive_run import resolve_switch
+from model_eval.steps.evaluation import capacity_summary, evaluation_statuses, run_inference, score_model
 
 
 class InferenceConfig(dg.Config):
@@ -13,6 +14,9 @@ class InferenceConfig(dg.Config):
     # Reuse cached answers only if younger than this (hours); None reuses any. The weekly schedule
     # sets it so a re-evaluation really asks the models again.
     max_cache_age_hours: float | None = None
+    # Adaptive evaluation (docs/decisions.md, section 11): true or false decides; None (the default)
+    # follows deployment.yaml's `adaptive.enabled`. The weekly schedule passes `adaptive.schedule`.
+    adaptive: bool | None = None
 
 
 @dg.asset(
@@ -29,10 +33,12 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
     def progress(stats):
         context.log.info(f"{spec.name}: {stats.done}/{stats.total} calls ({stats.cached} cached, {stats.retries} retries, {stats.errors} failed)")
 
+    adaptive = resolve_switch(config.adaptive, project.deployment.adaptive.enabled)
     with local_models_served(project.registry, [spec], project.paths.warehouse_file.parent / "run"):
         stats = run_inference(project, spec.name, eval_run_id(context), context.log, task_names=config.tasks or None,
                               trigger=trigger(context), dagster_run_id=context.run.run_id, on_progress=progress,
-                              cache_max_age_s=None if config.max_cache_age_hours is None else config.max_cache_age_hours * 3600)
+                              cache_max_age_s=None if config.max_cache_age_hours is None else config.max_cache_age_hours * 3600,
+                              adaptive=adaptive)
     return dg.MaterializeResult(metadata={
         "eval_run_id": eval_run_id(context),
         "calls": stats.total,
@@ -40,11 +46,15 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
         "from_cache": stats.cached,
         "retries": stats.retries,
         "failed_calls": stats.errors,
+        "adaptive": adaptive,
+        "not_asked": stats.skipped,
+        # How each task's evaluation ended: complete, or stopped (never ranked) with the case it stopped at and why.
+        "status_by_task": dg.MetadataValue.json(evaluation_statuses(project, spec.name, eval_run_id(context))),
         "error_classes": dg.MetadataValue.json(stats.error_classes),
         "wall_seconds": round(stats.wall_s, 2),
         # Median output tokens/s of the calls sent, and a local model's peak resident memory (null: unknown).
         "capacity_by_task": dg.MetadataValue.json(capacity_summary(project, spec.name, eval_run_id(context))),
-        "dagster/row_count": stats.total,
+        "dagster/row_count": stats.done,
     })
 
 

@@ -64,7 +64,9 @@ def leaderboard_markdown(board: pl.DataFrame, champions: dict[str, tuple[str | N
             cost = "unknown" if r["cost_per_case_usd"] is None else f"${r['cost_per_case_usd']:.6f}"
             p50 = "-" if r["p50_latency_ms"] is None else f"{r['p50_latency_ms']:.0f}"
             p95 = "-" if r["p95_latency_ms"] is None else f"{r['p95_latency_ms']:.0f}"
-            lines.append(f"| {r['model']} | {r['cases']} | {r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f}) | "
+            # A model adaptive evaluation stopped: its partial figures are shown, marked, and never ranked.
+            model = r["model"] if r.get("status", "complete") == "complete" else f"{r['model']} ({r['status']}; not ranked)"
+            lines.append(f"| {model} | {r['cases']} | {r['accuracy']:.2f} ({r['accuracy_low']:.2f}-{r['accuracy_high']:.2f}) | "
                          f"{r['pass_all_k']:.2f} (k={r['repeats']}) | {r['flip_rate']:.2f} | {r['consistency']:.2f} | "
                          f"{r['success_rate']:.2f} | {p50} | {p95} | {cost} |")
         # Open-ended tasks: the judge's calibration, win rates and consensus agreement, beside accuracy.
