@@ -45,10 +45,12 @@ def _seed_decisions(paths) -> None:
                         runner_up, reasoning, confidence, created_at) VALUES
                         ('run-1', 'grading', 'v1', 'strict', true, 'challenger', 'steady', 'challenger is more accurate', 0.9, ?)""",
                      [now])
-        for model, accuracy in (("steady", 0.7), ("challenger", 0.9)):
+        # "lucky" answered 3 cases right before adaptive mode stopped it: the best accuracy, never ranked.
+        for model, accuracy, status in (("steady", 0.7, "complete"), ("challenger", 0.9, "complete"),
+                                        ("lucky", 1.0, "stopped: cannot qualify")):
             conn.execute("""INSERT INTO model_task_metrics (eval_run_id, model, task, dataset_version, cases, calls, accuracy,
-                            p50_latency_ms, evaluated_at) VALUES ('run-1', ?, 'grading', 'v1', 20, 60, ?, 100, ?)""",
-                         [model, accuracy, now])
+                            p50_latency_ms, evaluated_at, status) VALUES ('run-1', ?, 'grading', 'v1', 20, 60, ?, 100, ?, ?)""",
+                         [model, accuracy, now, status])
         with warehouse.transaction(conn):
             record(conn, task="grading", model="challenger", stage="partial", traffic_share=0.3, previous_model="steady",
                    pinned=False, action="advance", reason="gates passed", assigned_by="pipeline")
@@ -68,7 +70,8 @@ def test_tasks_decisions_and_leaderboard(served):
     assert detail["last_change"]["action"] == "advance"
     assert "api_base" not in str(detail) and "api_key_env" not in str(detail)
     board = http("GET", gw.base_url + "/v1/tasks/grading/leaderboard").json()
-    assert [m["model"] for m in board["models"]] == ["challenger", "steady"] and board["dataset_version"] == "v1"
+    assert [(m["model"], m["ranked"]) for m in board["models"]] == [("challenger", True), ("steady", True), ("lucky", False)]
+    assert board["models"][2]["status"] == "stopped: cannot qualify" and board["dataset_version"] == "v1"
     missing = http("GET", gw.base_url + "/v1/tasks/nope")
     assert missing.status == 404 and missing.json()["error"]["param"] == "task"
 

@@ -117,6 +117,10 @@ class Reads:
                 version = rows[0][0] if rows else None
         if version is not None:
             board = board.filter(pl.col("dataset_version") == version)
+        # A model adaptive mode stopped early is listed after the ranked ones and marked: its figures
+        # cover only the cases it answered, so it is never ranked (docs/decisions.md, adaptive evaluation).
+        board = board.with_columns((pl.col("status") == "complete").alias("ranked")).sort("ranked", descending=True,
+                                                                                         maintain_order=True)
         return {"task": task, "dataset_version": version, "models": [json_safe(r) for r in board.iter_rows(named=True)],
                 "warehouse_published_at": self._published_at()}
 
