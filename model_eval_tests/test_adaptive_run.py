@@ -272,10 +272,10 @@ def weekly_adaptive_setting(env, deployment, schedule: bool) -> set:
     with pytest.MonkeyPatch.context() as mp:
         for key in ("MODEL_EVAL_GOLDEN_DIR", "MODEL_EVAL_REGISTRY", "MODEL_EVAL_DEPLOYMENT", "MODEL_EVAL_WAREHOUSE"):
             mp.setenv(key, env[key])
-        context = dg.build_schedule_context(instance=dg.DagsterInstance.from_config(env["DAGSTER_HOME"]),
-                                            resources={"model_eval": ModelEvalResource()},
-                                            scheduled_execution_time=datetime(2026, 11, 29, 1, 0))
-        requests = list(defs().resolve_schedule_def("weekly_evaluation")(context))
+        with dg.build_schedule_context(instance=dg.DagsterInstance.from_config(env["DAGSTER_HOME"]),
+                                       resources={"model_eval": ModelEvalResource()},
+                                       scheduled_execution_time=datetime(2026, 11, 29, 1, 0)) as context:
+            requests = list(defs().resolve_schedule_def("weekly_evaluation")(context))
     assert len(requests) == 2
     return {r.run_config["ops"]["inference_results"]["config"]["adaptive"] for r in requests}
 
