@@ -20,6 +20,7 @@ piece is handed over, so a process killed after answering has logged what it ans
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -118,13 +119,17 @@ class RoutedCaller:
         Without a request key the split is random (a fresh key per request): the same user keeps
         their model only when the application says who the user is.
         """
-        key = request_key if request_key else uuid.uuid4().hex
+        # A random key needs no cryptographic source: it only places the request in the split.
+        key = request_key if request_key else f"{random.getrandbits(128):032x}"
         if model.startswith(TASK_PREFIX):
             task = model[len(TASK_PREFIX):]
-            if self.router is None or task not in self.router.tasks:
-                known = ", ".join(TASK_PREFIX + t for t in (self.router.tasks if self.router else [])) or "none"
-                raise UnknownModelError(f"no routed task '{task}' (tasks with an assignment: {known})")
-            return self.router.route(task, key)
+            try:
+                if self.router is not None:
+                    return self.router.route(task, key)
+            except KeyError:   # the router's error for a task without an assignment; reworded below
+                pass
+            known = ", ".join(TASK_PREFIX + t for t in (self.router.tasks if self.router else [])) or "none"
+            raise UnknownModelError(f"no routed task '{task}' (tasks with an assignment: {known})")
         if self.registry is not None and model in self.registry.names():
             choice = self._direct.get(model)
             if choice is None:
