@@ -20,9 +20,10 @@ from typing import Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from model_eval.gateway import openai_api
 from model_eval.gateway.reads import Reads, ReadError, parse_window
@@ -39,6 +40,8 @@ MODEL_HEADER = "x-model-eval-model"
 REQUEST_KEY_HEADER = "x-model-eval-request-key"
 REQUEST_KEY_HEADER_BYTES = REQUEST_KEY_HEADER.encode()
 MAX_COMMENT_CHARS = 2000
+# Swagger UI's files that /docs loads, served from the swagger-ui-bundle-v2 package (pyproject.toml says why).
+SWAGGER_UI_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
 
 
 @dataclass(frozen=True)
@@ -349,9 +352,21 @@ def create_app(paths: ProjectPaths, registry: Registry, access: Access, settings
         return app.openapi()
 
     @app.get("/docs", dependencies=[read], include_in_schema=False)
-    def docs() -> Response:
-        # The document is inlined (Swagger UI's `spec`), so the page needs no second authenticated fetch.
-        return get_swagger_ui_html(openapi_url="", title="model_eval gateway", swagger_ui_parameters={"spec": app.openapi()})
+    def docs(request: Request) -> Response:
+        # Everything the page loads comes from this service (no CDN: /docs works on a machine without
+        # internet). The document is inlined (Swagger UI's `spec`), so the page needs no second
+        # authenticated fetch; validatorUrl null: no badge fetched from the validator's public site.
+        assets = request.scope.get("root_path", "") + "/docs/"
+        return get_swagger_ui_html(openapi_url="", title="model_eval gateway", swagger_js_url=assets + "swagger-ui-bundle.js",
+                                   swagger_css_url=assets + "swagger-ui.css", swagger_favicon_url=assets + "favicon-32x32.png",
+                                   swagger_ui_parameters={"spec": app.openapi(), "validatorUrl": None})
+
+    @app.get("/docs/{asset}", dependencies=[read], include_in_schema=False)
+    def docs_asset(asset: str) -> Response:
+        media_type = SWAGGER_UI_ASSETS.get(asset)   # only these names: no path from the request reaches the disk
+        if media_type is None:
+            raise ApiError(404, f"asset: /docs serves only {', '.join(SWAGGER_UI_ASSETS)}", "asset")
+        return FileResponse(swagger_ui_path / asset, media_type=media_type, headers={"cache-control": "private, max-age=86400"})
 
     served = LeanChatRoute(app, answer_chat, access) if settings.lean_chat_route else app
     return LimitsMiddleware(served, settings.max_body_bytes, settings.rate_per_s, settings.burst)
