@@ -1,9 +1,10 @@
 """The gateway's HTTP service: FastAPI routes over the shared routing core, served by uvicorn.
 
-FastAPI (on Starlette) for the OpenAPI document and /docs it derives from the routes; the hot route
-(/v1/chat/completions) reads its body and writes its answer as bytes itself, so no pydantic model
-is built per call. uvicorn with uvloop and httptools: the fastest pure-Python HTTP stack measured
-for this (benchmarks/README.md, section 7).
+FastAPI (on Starlette) for the OpenAPI document and /docs it derives from the routes. The hot route,
+/v1/chat/completions, is declared there for the document but served by `LeanChatRoute` ahead of
+FastAPI: same token check and handler, without FastAPI's per-request machinery (about half the
+gateway's CPU per call; benchmarks/README.md, section 8). uvicorn with uvloop and httptools: the
+fastest pure-Python HTTP stack measured for this (benchmarks/README.md, section 7).
 """
 
 from __future__ import annotations
