@@ -17,7 +17,6 @@ import asyncio
 import urllib.parse
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
 
 
 class StaleConnection(ConnectionError):
@@ -68,11 +67,12 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # Names lower-cased (HTTP's are case-insensitive): readers look up e.g. headers.get("retry-after").
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
-        names = {name.lower() for name, _ in self._headers}
+        names = {name for name, _ in self._headers}
         self._delimited = "content-length" in names or "transfer-encoding" in names
 
     def on_body(self, body: bytes) -> None:
@@ -85,8 +85,7 @@ class _Connection(asyncio.Protocol):
     def _complete(self, keep_alive: bool) -> None:
         reply = self.reply
         if reply is not None and not reply.done():
-            reply.set_result((self.parser.get_status_code(), CIMultiDictProxy(CIMultiDict(self._headers)),
-                              b"".join(self._body), keep_alive))
+            reply.set_result((self.parser.get_status_code(), dict(self._headers), b"".join(self._body), keep_alive))
 
     def _fail(self, exc: BaseException) -> None:
         if self.reply is not None and not self.reply.done():
@@ -141,8 +140,8 @@ class PlainHTTPPool:
             _, connection = await loop.create_connection(lambda: _Connection(loop), self.host, self.port)
         return connection
 
-    async def post(self, path: str, body: bytes) -> tuple[int, CIMultiDictProxy, bytes]:
-        """(status, headers, body) of one POST; TimeoutError or ConnectionError (OSError) when it fails."""
+    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body) of one POST; TimeoutError or ConnectionError (OSError) when it fails."""
         request = (b"POST " + (self.path_prefix + path).encode("latin-1") + b" HTTP/1.1\r\n" + self._head
                    + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         while True:
