@@ -20,6 +20,7 @@ piece is handed over, so a process killed after answering has logged what it ans
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -49,6 +50,16 @@ class CallResult:
     latency_ms: float
     cost_usd: float | None
     status: int | None = None    # the upstream's HTTP status on failure, when it had one
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """What calling a choice needs, worked out once per choice rather than per call (its config hash
+    alone is a JSON dump and a sha256)."""
+
+    spec: ModelSpec
+    client_key: tuple[str, str, str]
+    cost: CostCalculator
 
 
 def spec_for(choice: ModelChoice, registry: Registry | None) -> ModelSpec:
@@ -87,8 +98,7 @@ class RoutedCaller:
         self._completion = completion
         self._text_completion = text_completion
         self._clients: dict[tuple[str, str, str], Any] = {}
-        self._costs: dict[tuple[str, str], CostCalculator] = {}
-        self._specs: dict[ModelChoice, ModelSpec] = {}
+        self._prepared: dict[ModelChoice, PreparedModel] = {}
         self._direct: dict[str, ModelChoice] = {}
 
     async def __aenter__(self) -> "RoutedCaller":
@@ -109,13 +119,17 @@ class RoutedCaller:
         Without a request key the split is random (a fresh key per request): the same user keeps
         their model only when the application says who the user is.
         """
-        key = request_key if request_key else uuid.uuid4().hex
+        # A random key needs no cryptographic source: it only places the request in the split.
+        key = request_key if request_key else f"{random.getrandbits(128):032x}"
         if model.startswith(TASK_PREFIX):
             task = model[len(TASK_PREFIX):]
-            if self.router is None or task not in self.router.tasks:
-                known = ", ".join(TASK_PREFIX + t for t in (self.router.tasks if self.router else [])) or "none"
-                raise UnknownModelError(f"no routed task '{task}' (tasks with an assignment: {known})")
-            return self.router.route(task, key)
+            try:
+                if self.router is not None:
+                    return self.router.route(task, key)
+            except KeyError:   # the router's error for a task without an assignment; reworded below
+                pass
+            known = ", ".join(TASK_PREFIX + t for t in (self.router.tasks if self.router else [])) or "none"
+            raise UnknownModelError(f"no routed task '{task}' (tasks with an assignment: {known})")
         if self.registry is not None and model in self.registry.names():
             choice = self._direct.get(model)
             if choice is None:
@@ -125,30 +139,26 @@ class RoutedCaller:
         raise UnknownModelError(f"'{model}' is neither task/<task> nor a registry model")
 
     # ------------------------------------------------------------ calls
-    def _spec(self, choice: ModelChoice) -> ModelSpec:
-        spec = self._specs.get(choice)   # equal choices (params included) share a spec
-        if spec is None:
-            spec = self._specs[choice] = spec_for(choice, self.registry)
-        return spec
+    def _prepare(self, choice: ModelChoice) -> PreparedModel:
+        prepared = self._prepared.get(choice)   # equal choices (params included) share one
+        if prepared is None:
+            spec = spec_for(choice, self.registry)
+            prepared = self._prepared[choice] = PreparedModel(spec, (spec.name, spec.config_hash, spec.transport),
+                                                              CostCalculator(spec))
+        return prepared
 
-    async def _client(self, spec: ModelSpec):
-        key = (spec.name, spec.config_hash, spec.transport)
-        client = self._clients.get(key)
+    async def _client(self, prepared: PreparedModel):
+        client = self._clients.get(prepared.client_key)   # one pool per model configuration, whichever choice names it
         if client is None:
-            client = client_for(spec, self._completion, self._text_completion)
+            client = client_for(prepared.spec, self._completion, self._text_completion)
             await client.__aenter__()
-            self._clients[key] = client
+            self._clients[prepared.client_key] = client
         return client
 
-    def _cost(self, spec: ModelSpec, answer: Answer) -> float | None:
-        calculator = self._costs.get((spec.name, spec.config_hash))
-        if calculator is None:
-            calculator = self._costs[(spec.name, spec.config_hash)] = CostCalculator(spec)
-        return calculator(answer.input_tokens, answer.output_tokens)
-
-    def _log(self, decision: RouteDecision, spec: ModelSpec, role: str, call_id: str, latency_ms: float,
+    def _log(self, decision: RouteDecision, prepared: PreparedModel, role: str, call_id: str, latency_ms: float,
              answer: Answer | None, exc: BaseException | None, secrets: list[str]) -> CallResult:
-        cost = self._cost(spec, answer) if answer is not None else None
+        spec = prepared.spec
+        cost = prepared.cost(answer.input_tokens, answer.output_tokens) if answer is not None else None
         error = None if exc is None else redact(f"{type(exc).__name__}: {exc}", secrets)
         extra = None if exc is None else {"error_class": type(exc).__name__}
         self.call_log.record(decision, spec.name, latency_ms=latency_ms,
@@ -164,21 +174,22 @@ class RoutedCaller:
         choice = decision.primary if role == "primary" else decision.shadow
         if choice is None:
             raise ValueError(f"the decision has no {role} model")
-        spec = self._spec(choice)
+        prepared = self._prepare(choice)
+        spec = prepared.spec
         call_id = call_id or str(uuid.uuid4())
         # The evaluated parameters win over the request's: the evidence is about that configuration.
         merged = {**(params or {}), **spec.params}
         started = time.perf_counter()
         answer, failure, secrets = None, None, []
         try:
-            client = await self._client(spec)
+            client = await self._client(prepared)
             secrets = [client.key] if client.key else []
             model_input = build_input(messages, spec.mode, spec.completion_template)
             async with asyncio.timeout(spec.timeout_s * 1.1 + 0.5):
                 answer = await client(model_input, merged)
         except Exception as exc:  # noqa: BLE001 - every failure is logged and reported, none crashes the service
             failure = exc
-        return self._log(decision, spec, role, call_id, (time.perf_counter() - started) * 1000, answer, failure, secrets)
+        return self._log(decision, prepared, role, call_id, (time.perf_counter() - started) * 1000, answer, failure, secrets)
 
     async def complete(self, decision: RouteDecision, messages: list[dict[str, str]], params: dict[str, Any] | None = None,
                        call_id: str | None = None) -> CallResult:
@@ -199,7 +210,8 @@ class RoutedCaller:
         tokens are the provider's usage when it sends one, else the count of pieces (one token each
         on llama.cpp and vLLM) for output and unknown for input.
         """
-        spec = self._spec(decision.primary)
+        prepared = self._prepare(decision.primary)
+        spec = prepared.spec
         call_id = call_id or str(uuid.uuid4())
         merged = {**(params or {}), **spec.params}
         started = time.perf_counter()
@@ -210,7 +222,7 @@ class RoutedCaller:
         logged = False
         try:
             try:
-                client = await self._client(spec)
+                client = await self._client(prepared)
                 secrets = [client.key] if client.key else []
                 model_input = build_input(messages, spec.mode, spec.completion_template)
                 async with asyncio.timeout(spec.timeout_s * 1.1 + 0.5):
@@ -225,11 +237,11 @@ class RoutedCaller:
             except Exception as exc:  # noqa: BLE001 - logged and reported to the client as an error event
                 failure = exc
             summary = Answer(None, finish, input_tokens, output_tokens if output_tokens is not None else pieces)
-            result = self._log(decision, spec, "primary", call_id, (time.perf_counter() - started) * 1000,
+            result = self._log(decision, prepared, "primary", call_id, (time.perf_counter() - started) * 1000,
                                None if failure else summary, failure, secrets)
             logged = True
             yield result
         finally:
             if not logged:   # the consumer went away mid-answer (client disconnected): still one line for the call
-                self._log(decision, spec, "primary", call_id, (time.perf_counter() - started) * 1000, None,
+                self._log(decision, prepared, "primary", call_id, (time.perf_counter() - started) * 1000, None,
                           ConnectionAbortedError("the client stopped reading the stream"), secrets)

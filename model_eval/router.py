@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -468,10 +468,19 @@ class CallLog:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._host = _safe_host()
+        self._current: tuple[tuple[date, int], Path] | None = None   # ((UTC date, pid), its file)
 
     def path_for(self, when: datetime | None = None) -> Path:
         when = when or datetime.now(UTC)
         return self.folder / f"calls-{when:%Y%m%d}-{self._host}-{os.getpid()}.jsonl"
+
+    def _file_for(self, now: datetime) -> Path:
+        """path_for(now), built once per day and process: formatting it costs more than the write itself."""
+        key = (now.date(), os.getpid())
+        current = self._current   # one tuple, replaced whole: threads never see a key with another day's file
+        if current is None or current[0] != key:
+            current = self._current = (key, self.path_for(now))
+        return current[1]
 
     def record(
         self,
@@ -538,7 +547,7 @@ class CallLog:
         for secret in secrets:
             text = text.replace(secret, "[REDACTED]").replace(json.dumps(secret)[1:-1], "[REDACTED]")
         data = (text + "\n").encode("utf-8")
-        fd = os.open(self.path_for(now), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self._file_for(now), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(fd, data)
             # Regular files practically never take a short write (disk full aside); if one does,

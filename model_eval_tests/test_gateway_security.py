@@ -60,6 +60,31 @@ def test_every_endpoint_but_health_needs_a_token_and_the_read_token_cannot_write
         assert sorted(l["event"] for l in log_lines(paths)) == ["call", "rating"] and fake.total == 1
 
 
+def test_the_lean_chat_route_answers_as_fastapis_route_does(tmp_path, tokens):
+    """LeanChatRoute serves chat completions ahead of FastAPI; with it off, FastAPI's declared route does.
+    Both must check the token and the body alike and give the same answers."""
+    url = "/v1/chat/completions"
+    body = {"model": "task/grading", "messages": MESSAGES}
+    outcomes = {}
+    with FakeOpenAIServer() as fake:
+        for lean in (True, False):
+            paths = make_project(tmp_path / str(lean), fake.api_base)
+            publish(paths, {"grading": {"model": "steady"}})
+            with ThreadedGateway(paths, tokens, GatewaySettings(rate_per_s=0, lean_chat_route=lean)) as gw:
+                replies = [http("POST", gw.base_url + url, body), http("POST", gw.base_url + url, body, token=READ_TOKEN),
+                           http("POST", gw.base_url + url, {**body, "temperature": 9}, token=WRITE_TOKEN),
+                           http("POST", gw.base_url + url, raw=b"{not json", token=WRITE_TOKEN),
+                           http("POST", gw.base_url + url, body, token=WRITE_TOKEN)]
+            answered = replies[-1]
+            [line] = log_lines(paths)
+            assert line["call_id"] == answered.headers["x-model-eval-call-id"] and line["model"] == "steady"
+            outcomes[lean] = ([(r.status, r.headers.get("www-authenticate"), r.json()["error"]) for r in replies[:-1]],
+                              answered.status, answered.headers["x-model-eval-model"],
+                              answered.json()["choices"][0]["message"], answered.headers["content-type"])
+    assert outcomes[True] == outcomes[False]
+    assert [status for status, _, _ in outcomes[True][0]] == [401, 403, 400, 400] and outcomes[True][1] == 200
+
+
 def test_the_bind_rules_refuse_every_exposed_configuration(monkeypatch):
     no_tokens = Access(None, None)
     with pytest.raises(GatewayConfigError, match="no token configured"):

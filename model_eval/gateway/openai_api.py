@@ -24,6 +24,7 @@ INT_PARAMS = ("max_tokens", "max_completion_tokens", "seed")
 IGNORED = ("n", "stream_options", "user", "logprobs", "metadata", "store", "service_tier")
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio", "modalities",
                "prediction", "logit_bias", "top_logprobs")
+UNSUPPORTED_SET = frozenset(UNSUPPORTED)
 KNOWN = {"model", "messages", "stream", "stop", "response_format", *PASSED_PARAMS, *INT_PARAMS, *IGNORED, *UNSUPPORTED}
 
 
@@ -66,12 +67,12 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise RequestError("body", f"is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError("body", "must be a JSON object")
-    unknown = sorted(set(data) - KNOWN)
-    if unknown:
-        raise RequestError(unknown[0], "unknown field for /v1/chat/completions")
-    for name in UNSUPPORTED:
-        if data.get(name) not in (None, [], {}):
-            raise RequestError(name, "is not supported by the gateway (models are evaluated on text answers only)")
+    if not KNOWN.issuperset(data):
+        raise RequestError(sorted(set(data) - KNOWN)[0], "unknown field for /v1/chat/completions")
+    if not UNSUPPORTED_SET.isdisjoint(data):   # set checks first: most requests name none of these fields
+        for name in UNSUPPORTED:
+            if data.get(name) not in (None, [], {}):
+                raise RequestError(name, "is not supported by the gateway (models are evaluated on text answers only)")
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("model", "is required: task/<task> (routed) or a registry model name")
