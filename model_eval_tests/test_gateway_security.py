@@ -158,3 +158,37 @@ def test_provider_keys_never_leave_the_server(tmp_path, monkeypatch):
     texts += [f.read_text() for f in paths.call_log_dir.glob("*.jsonl")]
     assert all(CANARY not in text and CANARY[:12] not in text for text in texts)   # ...and is nowhere else
     assert any("[REDACTED]" in l["error"] or "***" in l["error"] for l in log_lines(paths) if l["error"])
+
+
+def test_a_client_cannot_pick_its_rate_limit_key_with_x_forwarded_for(tmp_path):
+    # A real `model-eval serve` (uvicorn's own settings are under test): the limit keys on the peer address,
+    # so five requests from one address claiming five different forwarded addresses share one bucket of 2.
+    import time
+
+    from model_eval_tests.gateway_harness import free_port, make_project, wait_for
+
+    paths = make_project(tmp_path / "p", "http://127.0.0.1:9/v1")
+    port = free_port()
+    env = {k: v for k, v in {**os.environ, "MODEL_EVAL_REGISTRY": str(paths.registry_file),
+                             "MODEL_EVAL_WAREHOUSE": str(paths.warehouse_file), "PYTHONPATH": str(PROJECT_ROOT),
+                             "no_proxy": "127.0.0.1"}.items() if not k.startswith("MODEL_EVAL_API")}
+    service = subprocess.Popen([sys.executable, "-m", "model_eval.cli", "serve", "--no-auth", "--port", str(port),
+                                "--rate-limit", "0.001", "--rate-burst", "2"], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def listening() -> bool:
+        try:
+            http("GET", base + "/v1/health", timeout=1)
+            return True
+        except OSError:
+            time.sleep(0.05)
+            return False
+
+    try:
+        wait_for(listening, timeout_s=60, interval_s=0.1)
+        statuses = [http("GET", base + "/v1/tasks", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status for i in range(5)]
+    finally:
+        service.kill()
+        service.wait(10)
+    assert statuses[-3:] == [429, 429, 429], statuses
