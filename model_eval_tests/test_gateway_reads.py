@@ -170,6 +170,14 @@ def _rated_calls(folder, model: str, task: str, thumbs: list[bool], stage: str, 
                                   for l in text.splitlines()) + "\n")
 
 
+def _challenger_assigned(conn, stage: str, share: float, at: datetime) -> None:
+    """`challenger` takes over `grading` from `steady` in `stage`, as of `at`."""
+    with warehouse.transaction(conn):
+        record(conn, task="grading", model="challenger", stage=stage, traffic_share=share, previous_model="steady",
+               pinned=False, action="advance", reason="test", assigned_by="test")
+        conn.execute("UPDATE model_assignments SET assigned_at = ?", [at])
+
+
 @pytest.mark.parametrize("candidate_up, expect_abort", [(0.45, True), (0.85, False)])
 def test_a_drop_in_ratings_during_partial_aborts_the_rollout(tmp_path, candidate_up, expect_abort):
     task = make_task("grading")
@@ -181,10 +189,7 @@ def test_a_drop_in_ratings_during_partial_aborts_the_rollout(tmp_path, candidate
     _rated_calls(logs, "challenger", "grading", [rng.random() < candidate_up for _ in range(40)], "partial",
                  now - timedelta(hours=1))
     with warehouse.write_connection(db) as conn:
-        with warehouse.transaction(conn):
-            record(conn, task="grading", model="challenger", stage="partial", traffic_share=0.3, previous_model="steady",
-                   pinned=False, action="advance", reason="test", assigned_by="test")
-            conn.execute("UPDATE model_assignments SET assigned_at = ?", [now - timedelta(hours=2)])
+        _challenger_assigned(conn, "partial", 0.3, now - timedelta(hours=2))
         ingest_call_logs(logs, conn)
         state = current_assignments(conn)["grading"]
         reason = candidate_degradation(conn, task, state, deployment(), now)
@@ -201,10 +206,7 @@ def test_a_drop_in_ratings_after_a_full_rollout_rolls_back(tmp_path):
     _rated_calls(logs, "steady", "grading", [True] * 45 + [False] * 5, "full", now - timedelta(hours=4))
     _rated_calls(logs, "challenger", "grading", [True] * 20 + [False] * 20, "full", now - timedelta(hours=1))
     with warehouse.write_connection(db) as conn:
-        with warehouse.transaction(conn):
-            record(conn, task="grading", model="challenger", stage="full", traffic_share=1.0, previous_model="steady",
-                   pinned=False, action="advance", reason="test", assigned_by="test")
-            conn.execute("UPDATE model_assignments SET assigned_at = ?", [now - timedelta(hours=3)])
+        _challenger_assigned(conn, "full", 1.0, now - timedelta(hours=3))
         ingest_call_logs(logs, conn)
         reason = degradation_reason(conn, task, current_assignments(conn)["grading"], deployment(), now)
     assert reason is not None and "user ratings fell" in reason and "0.50 over 40" in reason and "0.90 over 50" in reason
