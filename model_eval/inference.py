@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import itertools
 import json
 import logging
@@ -258,20 +259,52 @@ class CostCalculator:
         return cost
 
 
-async def _default_completion(**kwargs):
+def _litellm():
+    """litellm, imported when first used (it takes seconds) and set up for this engine."""
     import litellm
 
     # Otherwise litellm prints a "Give Feedback / Get Help" banner for every failed call.
     litellm.suppress_debug_info = True
-    return await litellm.acompletion(**kwargs)
+    # litellm's aiohttp transport opens a session per text-completion call and never closes it: each
+    # printed "Unclosed client session" at exit. httpx's transport leaves nothing behind.
+    litellm.disable_aiohttp_transport = True
+    return litellm
+
+
+async def _default_completion(**kwargs):
+    return await _litellm().acompletion(**kwargs)
 
 
 async def _default_text_completion(**kwargs):
     """Completion mode: litellm sends `openai/<model>` with a custom api_base to the endpoint's /completions."""
-    import litellm
+    return await _litellm().atext_completion(**kwargs)
 
-    litellm.suppress_debug_info = True
-    return await litellm.atext_completion(**kwargs)
+
+async def close_litellm_clients() -> None:
+    """Close the HTTP clients litellm cached on this event loop, before the loop ends.
+
+    litellm keeps one client per provider configuration and never closes them; left open, they hold
+    connections of a loop that is ending (and an aiohttp one prints "Unclosed client session" at
+    exit). litellm's own cleanup misses its cached OpenAI SDK clients (their async teardown is
+    `close()`), so those are closed here first. The cache is emptied: the next run has a new loop.
+    """
+    import sys
+
+    if "litellm" not in sys.modules:
+        return   # nothing was called through litellm in this process
+    import litellm
+    from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
+
+    cache = litellm.in_memory_llm_clients_cache
+    for client in list(getattr(cache, "cache_dict", {}).values()):
+        close = getattr(client, "close", None)
+        if close is not None and inspect.iscoroutinefunction(close) and not hasattr(client, "aclose"):
+            try:
+                await close()
+            except Exception:  # noqa: BLE001 - a client that cannot close is left to the garbage collector
+                pass
+    await close_litellm_async_clients()
+    cache.flush_cache()
 
 
 def _usage(response: Any) -> tuple[int | None, int | None]:
@@ -308,7 +341,8 @@ class LitellmClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        return None
+        if self.completion is _default_completion or self.text_completion is _default_text_completion:
+            await close_litellm_clients()
 
     async def __call__(self, model_input: ModelInput, params: dict[str, Any]) -> Answer:
         send = self.completion if model_input.mode == "chat" else self.text_completion
