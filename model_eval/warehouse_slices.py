@@ -81,13 +81,13 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _database_file_or_none(conn: duckdb.DuckDBPyConnection) -> Path | None:
+def database_file_or_none(conn: duckdb.DuckDBPyConnection) -> Path | None:
     path = conn.sql("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()[0][0]
     return Path(path) if path and path != ":memory:" else None
 
 
 def _database_file(conn: duckdb.DuckDBPyConnection) -> Path:
-    path = _database_file_or_none(conn)
+    path = database_file_or_none(conn)
     if path is None:
         raise ValueError("slices need a warehouse file; this connection is to an in-memory database")
     return path
@@ -195,7 +195,7 @@ def prepare(conn: duckdb.DuckDBPyConnection) -> None:
     """The manifest and the views (idempotent). A warehouse from before slices has its tables moved into
     slice files here, once, in one transaction: a failure leaves it as it was."""
     conn.execute(MANIFEST_DDL)
-    if _database_file_or_none(conn) is None:
+    if database_file_or_none(conn) is None:
         # An in-memory database (tests, scratch work) has no folder for slices: plain tables, same columns.
         for table in SLICED_TABLES:
             conn.execute(table_ddl(table))

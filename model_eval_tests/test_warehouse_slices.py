@@ -174,3 +174,20 @@ def test_a_moved_warehouse_folder_is_readable_again_after_its_next_write(db, tmp
     with warehouse.write_connection(db):
         pass
     assert _generations(db) == {"generation 1": 40}
+
+
+def test_tables_are_created_again_only_when_their_definitions_change(tmp_path, monkeypatch):
+    public = tmp_path / "warehouse" / "model_eval.duckdb"
+    with warehouse.write_connection(public) as conn:
+        first = conn.execute("SELECT fingerprint FROM warehouse_schema").fetchall()
+    executed: list[str] = []
+    monkeypatch.setattr(warehouse_slices, "prepare", lambda conn: executed.append("prepare"))
+    with warehouse.write_connection(public) as conn:
+        assert conn.execute("SELECT fingerprint FROM warehouse_schema").fetchall() == first
+    assert executed == []                                  # unchanged definitions: nothing re-created
+    # A release that adds a table (or a migration) changes the fingerprint: the next writer creates it.
+    monkeypatch.setattr(warehouse, "ALL_DDL", (*warehouse.ALL_DDL, "CREATE TABLE IF NOT EXISTS added_later (x INTEGER)"))
+    with warehouse.write_connection(public) as conn:
+        assert conn.execute("SELECT count(*) FROM added_later").fetchall() == [(0,)]
+        assert conn.execute("SELECT fingerprint FROM warehouse_schema").fetchall() != first
+    assert executed == ["prepare"]
