@@ -174,7 +174,10 @@ def test_shuffling_repeats_changes_no_gate_outcome(wh):
         wh.evaluate(task, "new", "e1", arrangement)
         results.append(evaluate_gates(wh.conn, task, "new", "inc", GATES))
     assert call_level_mcnemar(aligned) != pytest.approx(call_level_mcnemar(shuffled))
-    assert results[0] == results[1]
+    # Equal up to the last bit of a float: DuckDB may sum the cases in another order.
+    for before, after in zip(*results, strict=True):
+        for name, value in vars(before).items():
+            assert (getattr(after, name) == pytest.approx(value)) if isinstance(value, float) else getattr(after, name) == value, name
 
 
 # ---------------------------------------------------------------- costs
