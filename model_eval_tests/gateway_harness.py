@@ -5,7 +5,10 @@ gateway served by real uvicorn on a free loopback port, in a thread of the test 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +24,7 @@ from model_eval.gateway.app import GatewaySettings, create_app
 from model_eval.gateway.security import Access
 from model_eval.registry import load_registry
 from model_eval.router import write_snapshot
-from model_eval.settings import ProjectPaths
+from model_eval.settings import PROJECT_ROOT, ProjectPaths
 
 WRITE_TOKEN = "write-token-for-tests-0123456789"
 READ_TOKEN = "read-token-for-tests-abcdefghij"
@@ -143,3 +146,30 @@ def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.02):
             return value
         time.sleep(interval_s)
     raise AssertionError("condition not met in time")
+
+
+def serve_process(paths: ProjectPaths, cwd: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """A real `model-eval serve --no-auth` process on a free port for `paths`, once it answers; and its base URL.
+    The caller stops it (kill and wait)."""
+    port = free_port()
+    env = {k: v for k, v in {**os.environ, "MODEL_EVAL_REGISTRY": str(paths.registry_file),
+                             "MODEL_EVAL_WAREHOUSE": str(paths.warehouse_file), "PYTHONPATH": str(PROJECT_ROOT),
+                             "no_proxy": "127.0.0.1"}.items() if not k.startswith("MODEL_EVAL_API")}
+    service = subprocess.Popen([sys.executable, "-m", "model_eval.cli", "serve", "--no-auth", "--port", str(port), *args],
+                               env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return http("GET", base + "/v1/health", timeout=1).status == 200
+        except OSError:
+            time.sleep(0.05)
+            return False
+
+    try:
+        wait_for(up, timeout_s=60, interval_s=0.1)
+    except BaseException:
+        service.kill()
+        service.wait(10)
+        raise
+    return service, base

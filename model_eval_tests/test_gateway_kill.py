@@ -3,18 +3,13 @@ it answered is in its call log, and the `production_calls` asset (a real Dagster
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 import dagster as dg
 
-from model_eval.settings import PROJECT_ROOT
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, ok
-from model_eval_tests.gateway_harness import free_port, http, make_project, publish, wait_for
+from model_eval_tests.gateway_harness import http, make_project, publish, serve_process, wait_for
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -23,15 +18,8 @@ def test_sigkill_loses_no_answered_call(tmp_path, monkeypatch):
     with FakeOpenAIServer(script=lambda info: ok("PASS", 5, 1)) as fake:
         paths = make_project(tmp_path / "p", fake.api_base)
         publish(paths, {"grading": {"model": "steady", "candidate": "challenger", "stage": "shadow"}})
-        port = free_port()
-        env = {**os.environ, "MODEL_EVAL_REGISTRY": str(paths.registry_file), "MODEL_EVAL_WAREHOUSE": str(paths.warehouse_file),
-               "PYTHONPATH": str(PROJECT_ROOT), "no_proxy": "127.0.0.1"}
-        env = {k: v for k, v in env.items() if not k.startswith("MODEL_EVAL_API")}
-        service = subprocess.Popen([sys.executable, "-m", "model_eval.cli", "serve", "--no-auth", "--port", str(port),
-                                    "--rate-limit", "0"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        service, base = serve_process(paths, tmp_path, "--rate-limit", "0")
         try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for(lambda: _up(base), timeout_s=60, interval_s=0.1)
             answered: list[str] = []
             stop = threading.Event()
 
@@ -82,10 +70,3 @@ def test_sigkill_loses_no_answered_call(tmp_path, monkeypatch):
     again = dg.materialize([definitions.get_assets_def("production_calls")], instance=instance, resources=definitions.resources)
     assert again.success and again.asset_materializations_for_node("production_calls")[0].metadata["new_rows"].value == 0
 
-
-def _up(base: str) -> bool:
-    try:
-        return http("GET", base + "/v1/health", timeout=1).status == 200
-    except OSError:
-        time.sleep(0.05)
-        return False

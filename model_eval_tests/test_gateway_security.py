@@ -21,6 +21,7 @@ from model_eval_tests.gateway_harness import (
     log_lines,
     make_project,
     publish,
+    serve_process,
 )
 from model_eval_tests.test_security import CANARY
 
@@ -163,30 +164,9 @@ def test_provider_keys_never_leave_the_server(tmp_path, monkeypatch):
 def test_a_client_cannot_pick_its_rate_limit_key_with_x_forwarded_for(tmp_path):
     # A real `model-eval serve` (uvicorn's own settings are under test): the limit keys on the peer address,
     # so five requests from one address claiming five different forwarded addresses share one bucket of 2.
-    import time
-
-    from model_eval_tests.gateway_harness import free_port, make_project, wait_for
-
     paths = make_project(tmp_path / "p", "http://127.0.0.1:9/v1")
-    port = free_port()
-    env = {k: v for k, v in {**os.environ, "MODEL_EVAL_REGISTRY": str(paths.registry_file),
-                             "MODEL_EVAL_WAREHOUSE": str(paths.warehouse_file), "PYTHONPATH": str(PROJECT_ROOT),
-                             "no_proxy": "127.0.0.1"}.items() if not k.startswith("MODEL_EVAL_API")}
-    service = subprocess.Popen([sys.executable, "-m", "model_eval.cli", "serve", "--no-auth", "--port", str(port),
-                                "--rate-limit", "0.001", "--rate-burst", "2"], env=env, cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def listening() -> bool:
-        try:
-            http("GET", base + "/v1/health", timeout=1)
-            return True
-        except OSError:
-            time.sleep(0.05)
-            return False
-
+    service, base = serve_process(paths, tmp_path, "--rate-limit", "0.001", "--rate-burst", "2")
     try:
-        wait_for(listening, timeout_s=60, interval_s=0.1)
         statuses = [http("GET", base + "/v1/tasks", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status for i in range(5)]
     finally:
         service.kill()
