@@ -23,7 +23,7 @@ from model_eval.process_identity import process_started_at
 from model_eval.settings import PROJECT_ROOT
 from model_eval.supervise import descendants
 from model_eval_tests.conftest import copy_golden
-from model_eval_tests.fake_openai_server import FakeOpenAIServer, Reply, always
+from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, hang
 
 # A service whose processes all ignore SIGTERM and SIGINT (as dagster dev's did for 25 s), one of
 # them in a session of its own (out of the process group), one a grandchild.
@@ -89,7 +89,7 @@ def _free_port() -> int:
 def test_ui_reaps_a_run_left_by_a_killed_process_and_stops_every_process_on_sigterm(tmp_path):
     golden = copy_golden(tmp_path / "golden", cases_per_task=10, tasks=["grading"])
     # Each answer takes 0.1 s, so the 30 calls span several cache writes and the second one is reached.
-    with FakeOpenAIServer(always(Reply(kind="hang", hang_s=0.1, text="PASS"))) as server:
+    with FakeOpenAIServer(always(hang(seconds=0.1))) as server:
         registry = tmp_path / "models.yaml"
         registry.write_text(yaml.safe_dump({"models": [{"name": "fake", "model": "openai/fake", "api_base": server.api_base,
                                                         "price_per_million": {"input": 1, "output": 1}, "max_concurrency": 2}]}))
