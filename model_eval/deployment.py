@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from model_eval import yaml_text
 from model_eval.drift import DriftSettings
 from model_eval.eligibility import EligibilityRules, Pattern, default_non_chat_patterns
 from model_eval.errors import InputError
@@ -134,7 +135,7 @@ def _section(data: dict, name: str, cls, path: Path):
 
 def _line_of(text: str, field: str) -> int | None:
     """The line where a dotted field such as `discovery.ollama[0].api_base` stands in the YAML text."""
-    node = yaml.compose(text)
+    node = yaml_text.compose(text)
     for part in re.findall(r"\[\d+\]|[^.\[\]]+", field):
         if part.startswith("[") and isinstance(node, yaml.SequenceNode):
             index = int(part[1:-1])
@@ -153,7 +154,7 @@ def load_deployment(path: Path, base_dir: Path) -> Deployment:
         raise InputError(path, "deployment file not found")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml_text.parse(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise InputError(path, f"not valid YAML: {getattr(exc, 'problem', exc)}", line=None if mark is None else mark.line + 1) from None

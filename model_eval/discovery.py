@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from model_eval import yaml_text
 from model_eval.deployment import DiscoveryEndpoint
 from model_eval.eligibility import Verdict, judge
 
@@ -97,7 +98,7 @@ def registry_entry(endpoint: DiscoveryEndpoint, model_id: str, verdict: Verdict 
 
 def add_discovered(path: Path, entries: list[dict], known_names: set[str]) -> list[str]:
     """Append entries whose names are new to the discovered-models file (atomically); returns the names added."""
-    existing = yaml.safe_load(path.read_text())["models"] if path.is_file() else []
+    existing = yaml_text.parse(path.read_text())["models"] if path.is_file() else []
     names = known_names | {e["name"] for e in existing}
     new = [e for e in entries if e["name"] not in names]
     if new:

@@ -18,6 +18,7 @@ from typing import Any
 import polars as pl
 import yaml
 
+from model_eval import yaml_text
 from model_eval.errors import GoldenSetError
 from model_eval.scorers import get_scorer, registered_scorers
 
@@ -130,7 +131,7 @@ def load_task(folder: Path) -> TaskSpec:
     if not path.is_file():
         raise GoldenSetError(path, "task file not found (every task folder needs a task.yaml)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_text.parse(path.read_text())
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         raise GoldenSetError(path, f"not valid YAML: {getattr(exc, 'problem', exc)}", line=None if line is None else line + 1) from None

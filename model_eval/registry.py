@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from model_eval import yaml_text
 from model_eval.errors import RegistryError
 from model_eval.prompts import MODES, CompletionTemplate, TemplateError
 
@@ -154,7 +155,7 @@ class Registry:
 def _top_level_line(text: str, key: str) -> int | None:
     """Line of a top-level key, so errors in its section can point at it."""
     try:
-        root = yaml.compose(text)
+        root = yaml_text.compose(text)
     except yaml.YAMLError:
         return None
     if isinstance(root, yaml.MappingNode):
@@ -167,7 +168,7 @@ def _top_level_line(text: str, key: str) -> int | None:
 def _entry_lines(text: str) -> list[int]:
     """Line number of each entry under `models:`, so errors can point at it."""
     try:
-        root = yaml.compose(text)
+        root = yaml_text.compose(text)
     except yaml.YAMLError:
         return []
     if root is None or not isinstance(root, yaml.MappingNode):
@@ -309,7 +310,7 @@ def _entry(raw: Any, index: int, line: int | None, path: Path, server: LocalServ
 def _read_yaml(path: Path) -> tuple[dict, str]:
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = yaml_text.parse(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RegistryError(path, f"not valid YAML: {getattr(exc, 'problem', exc)}", line=None if mark is None else mark.line + 1) from None
