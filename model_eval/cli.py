@@ -39,6 +39,24 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Through this instance's warm runner when there is one (runner_client.py), else in this process."""
+    home = _prepare_dagster_home()
+    if not args.in_process:
+        from model_eval.runner_client import run_warm
+
+        code = run_warm(["run", "--in-process", *args.argv[1:]], home)
+        if code is not None:
+            return code
+    return run_in_process(args)
+
+
+def run_with_loaded_dagster(argv: list[str], loaded) -> int:
+    """The warm runner's entry: `model-eval run` with its Dagster instance and definitions."""
+    args = build_parser().parse_args(argv)
+    return run_in_process(args, instance=loaded.instance, definitions=loaded.definitions())
+
+
+def run_in_process(args: argparse.Namespace, instance=None, definitions=None) -> int:
     from model_eval.errors import ModelEvalError
     from model_eval.project import Project
     from model_eval.capacity import measured_memory_mb
@@ -75,10 +93,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from model_eval.orchestration import run_evaluation
 
     task_names = [t.name for t in tasks]
-    instance = dg.DagsterInstance.get()
+    instance = instance or dg.DagsterInstance.get()
     print(f"{len(runnable)} model(s) x {len(task_names)} task(s); Dagster instance {os.environ['DAGSTER_HOME']}", flush=True)
     started = time.perf_counter()
-    outcome = run_evaluation(defs(), instance, project, runnable, task_names, trigger="cli",
+    outcome = run_evaluation(definitions or defs(), instance, project, runnable, task_names, trigger="cli",
                              log_level="WARNING" if args.quiet else "INFO",
                              max_cache_age_hours=0.0 if args.fresh else args.max_cache_age_hours, adaptive=args.adaptive)
     if outcome.error:
@@ -293,7 +311,26 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runner(args: argparse.Namespace) -> int:
+    """Show or stop this instance's warm runner."""
+    from model_eval.runner_client import runner_is_up, socket_path, stop_runner
+
+    home = _prepare_dagster_home()
+    if args.action == "stop":
+        print("stopped" if stop_runner(home) else "no warm runner was running")
+        return 0
+    state = "running" if runner_is_up(home) else "not running"
+    print(f"warm runner for {home}: {state} (socket {socket_path(home)}; log {home / 'runner.log'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args.func(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="model-eval", description="Decide, with evidence, which LLM each task should use.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate enabled models on every task through the Dagster instance")
@@ -308,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                      help="stop evaluating a model on a task once it provably cannot qualify or beat the champion, and skip "
                           "repeats of settled cases (default: deployment.yaml's adaptive.enabled, off unless set)")
+    run.add_argument("--in-process", action="store_true",
+                     help="run in this process, not in the instance's warm runner (as MODEL_EVAL_RUNNER=off does)")
     run.set_defaults(func=cmd_run)
+    runner = sub.add_parser("runner", help="show or stop the warm runner that keeps Dagster loaded between runs")
+    runner.add_argument("action", choices=["status", "stop"])
+    runner.set_defaults(func=cmd_runner)
     plan = sub.add_parser("plan", help="calls, expected tokens, cost and time per model and task, before a run")
     plan.add_argument("--models", help="comma-separated model names from the registry (default: every enabled model)")
     plan.add_argument("--tasks", help="comma-separated task names (default: every task)")
@@ -344,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument("query", help="SQL text, or - to read it from standard input")
     sql.add_argument("--write", action="store_true", help="open the warehouse for writing")
     sql.set_defaults(func=cmd_sql)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
 
 
 if __name__ == "__main__":

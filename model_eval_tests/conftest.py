@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+# `model-eval run` in these tests runs in its own process; a warm runner left behind per test
+# instance would hold memory for minutes. test_warm_runner.py turns it on where it is the subject.
+os.environ["MODEL_EVAL_RUNNER"] = "off"
 
 from model_eval.settings import PROJECT_ROOT, ProjectPaths  # noqa: E402
 
@@ -105,3 +108,22 @@ def use_project_files(monkeypatch, root: Path, golden: Path, registry: Path, dep
     monkeypatch.setenv("no_proxy", "127.0.0.1")  # local receivers must not be reached through a proxy
     (root / "dagster_home").mkdir(exist_ok=True)
     return dg.DagsterInstance.local_temp(tempdir=str(root / "dagster_home"))
+
+
+def stub_project_env(root: Path, api_base: str, task: str, cases: int, model_fields: str = "") -> dict[str, str]:
+    """A project of one task and one model, `stub`, at a fake OpenAI endpoint (`api_base`), assigned to
+    that task; returns the environment a `model-eval` process needs to work on it. `model_fields` adds
+    fields to the model's registry entry (flow style, each starting with ", ")."""
+    golden = copy_golden(root / "golden", cases_per_task=cases, tasks=[task])
+    (root / "models.yaml").write_text(
+        f"models:\n  - {{name: stub, model: openai/fake, api_base: '{api_base}', max_concurrency: 8,"
+        f" price_per_million: {{input: 1.0, output: 2.0}}{model_fields}}}\n")
+    deployment = (PROJECT_ROOT / "deployment.yaml").read_text()
+    start, end = deployment.index("initial_assignments:"), deployment.index("\n# Gates")
+    deployment = deployment[:start] + f"initial_assignments:\n  {task}: stub\n" + deployment[end:]
+    deployment = deployment.replace("log_file: warehouse/alerts.log", f"log_file: {root / 'alerts.log'}")
+    (root / "deployment.yaml").write_text(deployment)
+    return {**os.environ, "MODEL_EVAL_GOLDEN_DIR": str(golden), "MODEL_EVAL_REGISTRY": str(root / "models.yaml"),
+            "MODEL_EVAL_DEPLOYMENT": str(root / "deployment.yaml"),
+            "MODEL_EVAL_WAREHOUSE": str(root / "warehouse" / "model_eval.duckdb"),
+            "DAGSTER_HOME": str(root / "dagster_home"), "no_proxy": "127.0.0.1", "PYTHONPATH": str(PROJECT_ROOT)}

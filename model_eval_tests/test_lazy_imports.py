@@ -15,7 +15,7 @@ from model_eval.inference import CostCalculator
 from model_eval.model_map import model_map
 from model_eval.registry import ModelSpec
 from model_eval.settings import PROJECT_ROOT
-from model_eval_tests.conftest import copy_golden
+from model_eval_tests.conftest import stub_project_env
 from model_eval_tests.fake_openai_server import FakeOpenAIServer, always, ok
 
 
@@ -31,19 +31,7 @@ def _imported(importtime_log: str) -> set[str]:
 @pytest.fixture
 def stub_project(tmp_path):
     with FakeOpenAIServer(always(ok("PASS"))) as server:
-        golden = copy_golden(tmp_path / "golden", cases_per_task=10, tasks=["grading"])
-        (tmp_path / "models.yaml").write_text(
-            f"models:\n  - {{name: stub, model: openai/fake, api_base: '{server.api_base}', max_concurrency: 8,"
-            " price_per_million: {input: 1.0, output: 2.0}}\n")
-        deployment = (PROJECT_ROOT / "deployment.yaml").read_text()
-        start, end = deployment.index("initial_assignments:"), deployment.index("\n# Gates")
-        deployment = deployment[:start] + "initial_assignments:\n  grading: stub\n" + deployment[end:]
-        deployment = deployment.replace("log_file: warehouse/alerts.log", f"log_file: {tmp_path / 'alerts.log'}")
-        (tmp_path / "deployment.yaml").write_text(deployment)
-        env = {**os.environ, "MODEL_EVAL_GOLDEN_DIR": str(golden), "MODEL_EVAL_REGISTRY": str(tmp_path / "models.yaml"),
-               "MODEL_EVAL_DEPLOYMENT": str(tmp_path / "deployment.yaml"),
-               "MODEL_EVAL_WAREHOUSE": str(tmp_path / "warehouse" / "model_eval.duckdb"),
-               "DAGSTER_HOME": str(tmp_path / "dagster_home"), "no_proxy": "127.0.0.1", "PYTHONPATH": str(PROJECT_ROOT)}
+        env = stub_project_env(tmp_path, server.api_base, "grading", 10)
         yield env, server
 
 
