@@ -15,7 +15,8 @@ from model_eval.report.data import TaskSection
 MAX_GRID_CASES = 300     # beyond this the grid keeps the cases the models disagree on or miss
 PALETTE = qualitative.Plotly + qualitative.D3
 STAGE_COLOURS = {"full": "#2a9d8f", "partial": "#e9c46a", "shadow": "#a8a8c8"}
-LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=70, b=60), font=dict(size=12),
+# "none": the page's white theme is added when the figure is written (render.py), as plain data.
+LAYOUT = dict(template="none", margin=dict(l=60, r=20, t=70, b=60), font=dict(size=12),
               legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
 
 
