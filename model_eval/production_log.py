@@ -139,6 +139,10 @@ class LogEvents:
     bytes_left: int = 0          # bytes past the offsets not read (over `max_bytes`, or an unfinished last line)
 
 
+def has_call_logs(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob(LOG_GLOB))
+
+
 def read_events(folder: Path, offsets: dict[str, int], max_bytes: int | None = None) -> LogEvents:
     """Parse every complete line of `<folder>/calls-*.jsonl` after each file's offset (0 for new files).
 

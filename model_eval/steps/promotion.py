@@ -6,7 +6,7 @@ from __future__ import annotations
 from model_eval import warehouse
 from model_eval.crash_points import crash_point
 from model_eval.alerts import send_alert
-from model_eval.production_log import ingest_call_logs
+from model_eval.production_log import has_call_logs, ingest_call_logs
 from model_eval.project import Project
 from model_eval.promotion import Decision, alert_for, apply_decisions, ensure_initial_assignments, newest_champions, plan_promotions
 from model_eval.steps._common import Log
@@ -15,6 +15,9 @@ from model_eval.steps.models import publish_assignments
 
 def ingest_production_calls(project: Project, log: Log) -> int:
     """Load new lines of the router's append-only call logs into `production_calls`."""
+    if not has_call_logs(project.paths.call_log_dir):
+        log.info(f"production calls: no call logs in {project.paths.call_log_dir}")
+        return 0   # no write: a warehouse write costs a copy of the file
     with warehouse.write_connection(project.paths.warehouse_file) as conn:
         added = ingest_call_logs(project.paths.call_log_dir, conn)
     log.info(f"production calls: {added} new row(s) from {project.paths.call_log_dir}")
