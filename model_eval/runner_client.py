@@ -48,11 +48,13 @@ def idle_seconds() -> float:
         return DEFAULT_IDLE_MINUTES * 60
 
 
-def code_fingerprint(dagster_yaml: Path) -> str:
-    """What the runner's loaded code and instance configuration depend on: the interpreter, every
-    file of this package (path, size, modification time) and the instance configuration file. A
-    runner whose fingerprint differs from the caller's is stale and is replaced."""
-    digest = hashlib.sha256(f"{sys.executable}|{sys.version}".encode())
+def code_fingerprint(dagster_home: Path) -> str:
+    """What the runner's loaded code and open instance depend on: the interpreter, every file of this
+    package (path, size, modification time), the instance configuration file and the instance folder
+    itself (one deleted and made again is another instance). A runner whose fingerprint differs from
+    the caller's is stale and is replaced."""
+    folder = os.stat(dagster_home)
+    digest = hashlib.sha256(f"{sys.executable}|{sys.version}|{folder.st_dev}|{folder.st_ino}".encode())
     for root, dirs, files in os.walk(PACKAGE_DIR):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
@@ -60,7 +62,7 @@ def code_fingerprint(dagster_yaml: Path) -> str:
                 info = os.stat(os.path.join(root, name))
                 digest.update(f"{root}/{name}|{info.st_size}|{info.st_mtime_ns}".encode())
     try:
-        digest.update(dagster_yaml.read_bytes())
+        digest.update((dagster_home / "dagster.yaml").read_bytes())
     except OSError:
         pass
     return digest.hexdigest()[:16]
@@ -144,7 +146,7 @@ def run_warm(argv: list[str], dagster_home: Path, say=lambda line: print(line, f
     if not runner_enabled() or private_socket_dir() is None:
         return None
     path = socket_path(dagster_home)
-    fingerprint = code_fingerprint(dagster_home / "dagster.yaml")
+    fingerprint = code_fingerprint(dagster_home)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(path))

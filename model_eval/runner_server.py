@@ -113,12 +113,12 @@ class Runner:
                 return
             conn, request, fds = item
             try:
-                interrupted = self._run(conn, request, fds)
+                must_exit = self._run(conn, request, fds)
             finally:
                 conn.close()
                 self.busy.clear()
-            if interrupted:
-                log("the run was interrupted: exiting")
+            if must_exit:
+                log("that run was interrupted or broke the runner: exiting")
                 return
 
     def _accept_forever(self) -> None:
@@ -161,7 +161,8 @@ class Runner:
         self.requests.put((conn, request, fds))
 
     def _run(self, conn: socket.socket, request: dict, fds: list[int]) -> bool:
-        """Run one request with the caller's streams, environment and folder; True if it was interrupted."""
+        """Run one request with the caller's streams, environment and folder; True if the runner should
+        exit after it (the run was interrupted, or failed in a way a run does not)."""
         from model_eval import cli
 
         send_message(conn, {"pid": os.getpid()})
@@ -181,7 +182,7 @@ class Runner:
         own_streams = [os.dup(n) for n in (0, 1, 2)]
         own_env, own_cwd = dict(os.environ), os.getcwd()
         started = time.perf_counter()
-        code = 1
+        code, broken = 1, False
         try:
             for n, fd in enumerate(fds):
                 os.dup2(fd, n)
@@ -194,11 +195,13 @@ class Runner:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             code = 130
+            interrupted.set()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
             traceback.print_exc()
             code = 1
+            broken = True    # not a failed run but a failure of the runner: start afresh
         finally:
             finished.set()
             sys.stdout.flush()
@@ -214,7 +217,7 @@ class Runner:
         except OSError:
             pass
         log(f"ran {' '.join(request['argv'])!r}: exit {code} in {time.perf_counter() - started:.2f} s")
-        return interrupted.is_set() or code == 130
+        return interrupted.is_set() or broken
 
 
 def main(argv: list[str] | None = None) -> int:

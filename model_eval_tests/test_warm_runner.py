@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from model_eval.runner_client import code_fingerprint, private_socket_dir, receive_message, send_message, socket_path, stop_runner
+from model_eval.runner_client import private_socket_dir, receive_message, send_message, socket_path, stop_runner
 from model_eval.process_identity import ProcessIdentity
 from model_eval.settings import PROJECT_ROOT
 from model_eval_tests.conftest import stub_project_env
@@ -161,7 +162,7 @@ def test_exit_codes_and_errors_come_back_from_the_runner(project):
     assert project.served_runs() == [("run --in-process -q --tasks no_such_task", "2")]
 
 
-def test_a_runner_with_other_code_steps_aside(project):
+def test_a_runner_with_other_code_or_another_instance_steps_aside(project):
     assert project.run().returncode == 0
     pid = project.wait_for_runner()
     with socket.socket(socket.AF_UNIX) as conn:
@@ -171,10 +172,17 @@ def test_a_runner_with_other_code_steps_aside(project):
     assert reply == {"stale": True}
     wait_until(lambda: not alive(pid), 30, "the stale runner to exit")
     # The next run runs in its own process and starts a runner of the current code.
-    assert code_fingerprint(project.home / "dagster.yaml")
     again = project.run()
     assert again.returncode == 0, again.stderr[-3000:]
-    assert project.wait_for_runner() != pid
+    second = project.wait_for_runner()
+    assert second != pid
+
+    # An instance folder deleted and made again is another instance: its runner steps aside too.
+    shutil.rmtree(project.home)
+    fresh = project.run()
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    wait_until(lambda: not alive(second), 30, "the runner of the deleted instance to exit")
+    assert project.wait_for_runner() not in (pid, second)
 
 
 def test_ctrl_c_interrupts_the_run_in_the_runner_and_a_run_meanwhile_runs_in_its_own_process(project):
