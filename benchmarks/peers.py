@@ -8,12 +8,18 @@ answering "PASS" after `--delay-ms` (20 ms by default) from a process of its own
 (model-eval, promptfoo, inspect | model-eval, ...), so slow drift of the shared machine weighs on
 each alike.
 
-model-eval is measured three ways:
+model-eval is measured four ways:
 
 * `fresh`: the golden set is unchanged since the warm-up run (validated, ingested), every case is
-  asked again (`--fresh`): what a person waits for after changing a model or a prompt parameter;
-* `re-run`: nothing changed; every answer comes from the response cache;
+  asked again (`--fresh`): what a person waits for after changing a model or a prompt parameter.
+  The warm-up run started the instance's warm runner (runner_client.py), which serves this run;
+* `re-run`: nothing changed; every answer comes from the response cache (also served warm);
+* `fresh in-process` (20 cases only): `fresh` with `--in-process`, as every run was before the warm
+  runner, and as the first run after the runner has gone idle or the code changed;
 * `cold` (20 cases only, once): a new warehouse, a new Dagster instance, a never-validated golden set.
+
+A run served by the warm runner spends its CPU in the runner, not in the child this benchmark waits
+for: the runner's own CPU over the run (from /proc) is added to model-eval's figure.
 
 promptfoo runs with its cache off (`--no-cache`) and writes no results database (`--no-write`);
 Inspect AI with `--no-log-samples`-free defaults but its log in the round's folder. Each gets one
@@ -194,6 +200,7 @@ class Runner:
     env: dict[str, str]
     cwd: Path
     reset: Callable[[], None] | None = None   # called before each run (e.g. a fresh log folder)
+    helper_cpu: Callable[[], float] | None = None   # CPU seconds so far of a process that works for it (the warm runner)
     ok_codes: frozenset[int] = frozenset({0})
     timings: list[Timing] = field(default_factory=list)
     failed: str | None = None       # why it stopped being measured (a crash of its own, twice in a row)
@@ -204,7 +211,10 @@ class Runner:
             if self.reset:
                 self.reset()
             try:
+                helper_before = self.helper_cpu() if self.helper_cpu else 0.0
                 timing = timed(self.command, self.env, self.cwd, log, self.ok_codes)
+                if self.helper_cpu:
+                    timing = Timing(timing.wall_s, timing.cpu_s + self.helper_cpu() - helper_before)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 if attempt == 2:
                     self.failed = str(exc).splitlines()[0][:160]
@@ -225,14 +235,41 @@ def model_eval_command() -> list[str]:
     return [sys.executable, "-m", "model_eval.cli"]
 
 
+def runner_cpu_s(dagster_home: Path) -> float:
+    """User + sys CPU seconds so far of the instance's warm runner (0 if there is none)."""
+    log = dagster_home / "runner.log"
+    pids = [line.split("runner ", 1)[1].split(":", 1)[0] for line in log.read_text().splitlines()
+            if ": serving " in line] if log.exists() else []
+    try:
+        fields = Path(f"/proc/{pids[-1]}/stat").read_text().rsplit(")", 1)[1].split()
+    except (IndexError, OSError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_warm_runner(dagster_home: Path, timeout_s: float = 120.0) -> None:
+    """The warm-up run starts the runner in the background; timed runs begin once it serves."""
+    from model_eval.runner_client import runner_is_up
+
+    deadline = time.monotonic() + timeout_s
+    while not runner_is_up(dagster_home):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no warm runner for {dagster_home} after {timeout_s:.0f} s; see its runner.log")
+        time.sleep(0.2)
+
+
 def build_runners(root: Path, n: int, concurrency: int, api_base: str, peers: dict[str, list[str] | None]) -> list[Runner]:
     cases = suite_cases(n)
     project = write_model_eval_project(root / "model_eval", cases, api_base, concurrency)
     env = {**base_env(), **model_eval_env(project)}
+    cpu = lambda: runner_cpu_s(Path(env["DAGSTER_HOME"]))   # noqa: E731
     runners = [
-        Runner("model-eval fresh", [*model_eval_command(), "run", "-q", "--fresh"], env, REPO),
-        Runner("model-eval re-run", [*model_eval_command(), "run", "-q"], env, REPO),
+        Runner("model-eval fresh", [*model_eval_command(), "run", "-q", "--fresh"], env, REPO, helper_cpu=cpu),
+        Runner("model-eval re-run", [*model_eval_command(), "run", "-q"], env, REPO, helper_cpu=cpu),
     ]
+    if n <= 20:
+        runners.append(Runner("model-eval fresh in-process", [*model_eval_command(), "run", "-q", "--fresh", "--in-process"],
+                              env, REPO))
     if peers.get("promptfoo"):
         config = write_promptfoo_config(root / "promptfoo", cases, api_base)
         # No debug/error log files: promptfoo 0.121's file logger crashed at exit ("write after end") in a 2,000-case run.
@@ -257,8 +294,14 @@ def build_runners(root: Path, n: int, concurrency: int, api_base: str, peers: di
 
 def cold_model_eval(root: Path, api_base: str, n: int, concurrency: int) -> Timing:
     """A first run: new warehouse, new instance, a golden set never validated."""
+    from model_eval.runner_client import stop_runner
+
     project = write_model_eval_project(root, suite_cases(n), api_base, concurrency)
-    return timed([*model_eval_command(), "run", "-q"], {**base_env(), **model_eval_env(project)}, REPO, root / "cold.log")
+    env = {**base_env(), **model_eval_env(project)}
+    timing = timed([*model_eval_command(), "run", "-q"], env, REPO, root / "cold.log")
+    wait_for_warm_runner(Path(env["DAGSTER_HOME"]))   # it started one: let it load, then stop it
+    stop_runner(Path(env["DAGSTER_HOME"]))
+    return timing
 
 
 # ================================================================ the measurement
@@ -281,8 +324,8 @@ class PeerFigures:
                 out.append(Figure(f"5 peers {n:,} cases c={c}: {r.name}",
                                   f"{r.median_wall():.2f} s wall ({walls}), {n / r.median_wall():,.0f} cases/s, "
                                   f"CPU {r.median_cpu():.1f} s"))
-            fresh, rerun, pf = (next((r for r in runners if r.name == x), None)
-                                for x in ("model-eval fresh", "model-eval re-run", "promptfoo"))
+            fresh, rerun, pf, in_process = (next((r for r in runners if r.name == x), None) for x in (
+                "model-eval fresh", "model-eval re-run", "promptfoo", "model-eval fresh in-process"))
             if fresh is None or rerun is None:
                 continue
             if pf is not None:
@@ -290,6 +333,9 @@ class PeerFigures:
                 if n <= 20:
                     out.append(Figure(f"5 peers {n:,} cases c={c}: model-eval fresh / promptfoo wall", f"{ratio:.2f}x",
                                       f"<= {TARGET_STARTUP_RATIO:g}x", ratio <= TARGET_STARTUP_RATIO))
+                    if in_process is not None:
+                        out.append(Figure(f"5 peers {n:,} cases c={c}: model-eval fresh in-process / promptfoo wall",
+                                          f"{in_process.median_wall() / pf.median_wall():.2f}x", "(no warm runner: for reference)"))
                 else:
                     speed = pf.median_wall() / fresh.median_wall()
                     out.append(Figure(f"5 peers {n:,} cases c={c}: model-eval / promptfoo throughput", f"{speed:.2f}x",
@@ -308,6 +354,8 @@ class PeerFigures:
 
 
 def measure(sizes: list[int], concurrencies: list[int], rounds: int, delay_ms: float, workdir: Path) -> PeerFigures:
+    from model_eval.runner_client import stop_runner
+
     promptfoo, pf_reason = find_promptfoo()
     inspect, in_reason = find_inspect()
     versions, skipped = {}, {}
@@ -324,6 +372,8 @@ def measure(sizes: list[int], concurrencies: list[int], rounds: int, delay_ms: f
                 for runner in runners:   # warm-up, untimed: ingests and validates the golden set once, fills caches
                     runner.run(root / f"{runner.name.replace(' ', '-')}-warm.log")
                     runner.timings.clear()
+                home = Path(runners[0].env["DAGSTER_HOME"])
+                wait_for_warm_runner(home)
                 for r in range(rounds):
                     for runner in [x for x in runners if not x.failed]:
                         before = endpoint.sent()
@@ -335,4 +385,5 @@ def measure(sizes: list[int], concurrencies: list[int], rounds: int, delay_ms: f
                         elif sent != n:
                             runner.failed = f"sent {sent} calls for {n} cases: not comparable"
                 result.results[(n, c)] = runners
+                stop_runner(home)
     return result
