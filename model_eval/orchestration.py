@@ -35,6 +35,7 @@ class EvaluationOutcome:
     error: str | None = None                                  # prepare/recommend failure
     blocked: str | None = None                                # gates that failed for some task (its promotion waits)
     dagster_run_ids: list[str] = field(default_factory=list)
+    recommended: bool = False      # the recommend run succeeded, so it marked the evaluation complete
 
     @property
     def ok(self) -> bool:
@@ -94,6 +95,8 @@ def run_evaluation(
 
 def _mark_incomplete_unless_complete(warehouse_file: Path, outcome: EvaluationOutcome) -> None:
     """An evaluation that ended without its results being admitted to metrics is incomplete, with the reason."""
+    if outcome.recommended:
+        return
     with warehouse.read_connection(warehouse_file) as conn:
         if eval_runs.status_of(conn, outcome.eval_run_id) != eval_runs.RUNNING:
             return
@@ -143,3 +146,5 @@ def _run_jobs(defs: dg.Definitions, instance: dg.DagsterInstance, project: Proje
         return
     if error := execute("recommend", run_config=logging_config):
         outcome.error = f"recommend: {error}"
+    else:
+        outcome.recommended = True

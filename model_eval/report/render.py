@@ -61,6 +61,12 @@ def _cost(value: float | None) -> str:
 
 
 @functools.cache
+def _plotly_library() -> str:
+    """plotly.js (4.8 MB), read from Plotly's package once per process (the warm runner draws many reports)."""
+    return get_plotlyjs()
+
+
+@functools.cache
 def _page_template() -> dict:
     """Plotly's white theme as plain data, made once: set on a figure, Plotly checks every field of
     it again for every chart (half of drawing a report took that)."""
@@ -236,7 +242,7 @@ def render_report(data: ReportData) -> str:
         f"<title>model_eval report · {_e(data.eval_run_id)}</title>"
         f"<style>{STYLE}</style>"
         # The Plotly library, once for every chart; no CDN, so the file works offline.
-        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>"
+        f"<script type=\"text/javascript\">{_plotly_library()}</script>"
         "</head><body>"
         f"{_header(data)}<main>{_overview(data)}{tasks}"
         f'<p class="note">Generated {generated:%Y-%m-%d %H:%M} UTC from the warehouse; '

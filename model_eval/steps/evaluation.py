@@ -153,26 +153,27 @@ def _record_status(conn, spec: ModelSpec, eval_run_id: str, tasks, counts: dict[
                      status_rows(eval_run_id, spec.name, tasks, counts, answered, adaptive_run, utc_now()))
 
 
-def evaluation_statuses(project: Project, model_name: str, eval_run_id: str) -> dict:
-    """Per task: how the evaluation ended and the calls it made and saved. For the asset's metadata."""
-    with warehouse.read_connection(project.paths.warehouse_file) as conn:
-        rows = conn.execute("""SELECT task, status, cases_scored, cases_total, calls_made, calls_saved, reason FROM evaluation_status
-                               WHERE eval_run_id = ? AND model = ? ORDER BY task""", [eval_run_id, model_name]).fetchall()
-    return {task: {"status": status, "cases": f"{scored} of {total}", "calls_made": made, "calls_saved": saved, "reason": reason}
-            for task, status, scored, total, made, saved, reason in rows}
+@dataclass
+class InferenceSummary:
+    """For the inference asset's metadata in the UI, read from one connection."""
+    statuses: dict    # task -> how the evaluation ended and the calls it made and saved
+    capacity: dict    # task -> median output tokens/s of the calls sent; a local model's peak memory (None: unknown)
 
 
-def capacity_summary(project: Project, model_name: str, eval_run_id: str) -> dict:
-    """Per task: the median output tokens/s of the calls sent in this eval run, and for a local model the
-    peak resident memory measured (None: unknown). For the asset's metadata in the UI."""
+def inference_summary(project: Project, model_name: str, eval_run_id: str) -> InferenceSummary:
     with warehouse.read_connection(project.paths.warehouse_file) as conn:
-        rows = conn.execute("""
+        statuses = conn.execute("""SELECT task, status, cases_scored, cases_total, calls_made, calls_saved, reason FROM evaluation_status
+                                   WHERE eval_run_id = ? AND model = ? ORDER BY task""", [eval_run_id, model_name]).fetchall()
+        capacity = conn.execute("""
             SELECT r.task, median(r.output_tokens_per_s) FILTER (WHERE NOT r.from_cache), any_value(m.peak_rss_mb)
             FROM inference_results r
             LEFT JOIN model_resources m ON m.eval_run_id = r.eval_run_id AND m.model = r.model AND m.task = r.task
             WHERE r.eval_run_id = ? AND r.model = ? GROUP BY r.task ORDER BY r.task""", [eval_run_id, model_name]).fetchall()
-    return {task: {"output_tokens_per_s": None if rate is None else round(rate, 2),
-                   "peak_memory_mb": None if memory is None else round(memory, 1)} for task, rate, memory in rows}
+    return InferenceSummary(
+        statuses={task: {"status": status, "cases": f"{scored} of {total}", "calls_made": made, "calls_saved": saved,
+                         "reason": reason} for task, status, scored, total, made, saved, reason in statuses},
+        capacity={task: {"output_tokens_per_s": None if rate is None else round(rate, 2),
+                         "peak_memory_mb": None if memory is None else round(memory, 1)} for task, rate, memory in capacity})
 
 
 def _record_eval_run(conn, eval_run_id: str, trigger: str) -> None:

@@ -6,7 +6,7 @@ from model_eval.defs.resources import ModelEvalResource, eval_run_id, is_orchest
 from model_eval.eval_runs import complete_evaluation
 from model_eval.serving import local_models_served
 from model_eval.adaptive_run import resolve_switch
-from model_eval.steps.evaluation import capacity_summary, evaluation_statuses, run_inference, score_model
+from model_eval.steps.evaluation import inference_summary, run_inference, score_model
 
 
 class InferenceConfig(dg.Config):
@@ -39,6 +39,7 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
                               trigger=trigger(context), dagster_run_id=context.run.run_id, on_progress=progress,
                               cache_max_age_s=None if config.max_cache_age_hours is None else config.max_cache_age_hours * 3600,
                               adaptive=adaptive)
+    summary = inference_summary(project, spec.name, eval_run_id(context))
     return dg.MaterializeResult(metadata={
         "eval_run_id": eval_run_id(context),
         "calls": stats.total,
@@ -49,11 +50,11 @@ def inference_results(context: dg.AssetExecutionContext, config: InferenceConfig
         "adaptive": adaptive,
         "not_asked": stats.skipped,
         # How each task's evaluation ended: complete, or stopped (never ranked) with the case it stopped at and why.
-        "status_by_task": dg.MetadataValue.json(evaluation_statuses(project, spec.name, eval_run_id(context))),
+        "status_by_task": dg.MetadataValue.json(summary.statuses),
         "error_classes": dg.MetadataValue.json(stats.error_classes),
         "wall_seconds": round(stats.wall_s, 2),
         # Median output tokens/s of the calls sent, and a local model's peak resident memory (null: unknown).
-        "capacity_by_task": dg.MetadataValue.json(capacity_summary(project, spec.name, eval_run_id(context))),
+        "capacity_by_task": dg.MetadataValue.json(summary.capacity),
         "dagster/row_count": stats.done,
     })
 
