@@ -160,8 +160,8 @@ def run_warm(argv: list[str], dagster_home: Path, say=lambda line: print(line, f
         try:
             send_message(conn, request, [0, 1, 2])
             reply, _ = receive_message(conn)
-        except OSError:
-            reply = None
+        except OSError:     # e.g. a closed stdin cannot be passed: run here, the runner is fine
+            return None
         if reply is None or "stale" in reply:
             start_runner(dagster_home, path, fingerprint)
             return None
