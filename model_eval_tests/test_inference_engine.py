@@ -279,7 +279,7 @@ def test_one_hang_then_success(server, cache, make_spec):
                          ids=["html-body", "broken-json"])
 def test_garbage_body_is_an_error_not_a_crash(server, cache, reply, make_spec):
     server.script = always(reply)
-    spec = make_spec(server, max_attempts=3)
+    spec = make_spec(server, max_attempts=3, timeout_s=10.0)   # no hang here: see the mixed-failures test
     requests = make_requests(spec, 4)
     frame, stats = run(spec, requests, cache)
 
@@ -296,7 +296,9 @@ def test_garbage_body_is_an_error_not_a_crash(server, cache, reply, make_spec):
 def test_mixed_failures_give_exactly_one_row_per_request(server, cache, make_spec):
     server.script = random_mix(seed=7, fractions={rate_limited(0.01): 0.15, server_error(500): 0.10,
                                                   server_error(502): 0.05, garbage(): 0.05, nonsense(): 0.10})
-    spec = make_spec(server, max_concurrency=16, max_attempts=4)
+    # No hang in this mix, so a long client timeout costs nothing; with the default 1 s, a loaded machine
+    # (the full suite at half speed) timed out 15 attempts before the server had answered them.
+    spec = make_spec(server, max_concurrency=16, max_attempts=4, timeout_s=10.0)
     requests = make_requests(spec, 40, repeats=2)
     frame, stats = run(spec, requests, cache)
 
