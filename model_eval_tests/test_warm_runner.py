@@ -237,3 +237,14 @@ def test_no_runner_when_its_folder_is_open_to_others(tmp_path, monkeypatch):
     assert private_socket_dir() == tmp_path / f"model-eval-runner-{os.getuid()}"
     (tmp_path / f"model-eval-runner-{os.getuid()}").chmod(0o755)
     assert private_socket_dir() is None
+
+
+def test_a_caller_killed_during_its_run_interrupts_it_in_the_runner(project):
+    assert project.run().returncode == 0
+    pid = project.wait_for_runner()
+    waiting = start_a_run_that_waits_for_the_model(project)
+    waiting.kill()                                   # SIGKILL: the caller cannot say anything, its socket closes
+    waiting.communicate(timeout=30)
+    wait_until(lambda: not alive(pid), 60, "the runner to interrupt the run and exit")
+    assert "that run was interrupted" in project.log()
+    assert [status for _, status, _ in project.eval_runs()][-1] == "incomplete"
