@@ -147,11 +147,8 @@ def run_warm(argv: list[str], dagster_home: Path, say=lambda line: print(line, f
         return None
     path = socket_path(dagster_home)
     fingerprint = code_fingerprint(dagster_home)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(str(path))
-    except OSError:
-        conn.close()
+    conn = connect(dagster_home)
+    if conn is None:
         start_runner(dagster_home, path, fingerprint)
         say("(starting a warm runner in the background: the next run starts faster; MODEL_EVAL_RUNNER=off to turn it off)")
         return None
@@ -180,12 +177,7 @@ def _follow_run(conn: socket.socket, runner_pid: int, say) -> int:
 
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            try:
-                reply, _ = receive_message(conn)
-                break
-            except InterruptedError:
-                continue
+        reply, _ = receive_message(conn)   # a signal's handler runs, then the read goes on (PEP 475)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -195,25 +187,37 @@ def _follow_run(conn: socket.socket, runner_pid: int, say) -> int:
     return int(reply["exit"])
 
 
+def connect(dagster_home: Path) -> socket.socket | None:
+    """A connection to this instance's runner; None if no runner listens."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(socket_path(dagster_home)))
+    except OSError:
+        conn.close()
+        return None
+    return conn
+
+
 def runner_is_up(dagster_home: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        try:
-            conn.connect(str(socket_path(dagster_home)))   # closing at once asks nothing of it
-        except OSError:
-            return False
+    conn = connect(dagster_home)
+    if conn is None:
+        return False
+    conn.close()   # closing at once asks nothing of it
     return True
 
 
 def stop_runner(dagster_home: Path, timeout_s: float = 10.0) -> bool:
     """Ask this instance's runner to exit after any run in progress; True if one was running."""
-    path = socket_path(dagster_home)
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(str(path))
-            send_message(conn, {"stop": True}, [0, 1, 2])
-            receive_message(conn)
-    except OSError:
+    conn = connect(dagster_home)
+    if conn is None:
         return False
+    with conn:
+        try:
+            send_message(conn, {"stop": True})
+            receive_message(conn)
+        except OSError:
+            return False
+    path = socket_path(dagster_home)
     deadline = time.monotonic() + timeout_s
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -16,7 +16,6 @@ environment) go to runner.log in the instance folder.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import queue
 import signal
@@ -29,6 +28,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from model_eval.file_lock import exclusive_lock
 from model_eval.runner_client import receive_message, send_message
 
 _STOP = object()
@@ -172,9 +172,9 @@ class Runner:
         def watch_caller():
             # An interrupt message, or the caller going away, interrupts the run in the main thread.
             try:
-                message, _ = receive_message(conn)
+                receive_message(conn)   # whatever it says: only an interrupt, or the end of the stream, comes
             except OSError:
-                message = None
+                pass
             if not finished.is_set():
                 interrupted.set()
                 os.kill(os.getpid(), signal.SIGINT)
@@ -229,16 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.socket)
     # Two callers may start a runner at once: the one holding the lock serves, the other leaves.
     # A runner replaced for running older code may still be finishing a run: wait a while for it.
-    lock = open(path.with_suffix(".lock"), "w")
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return 0
-            time.sleep(0.2)
+    try:
+        with exclusive_lock(path.with_suffix(".lock"), LOCK_WAIT_S, AnotherRunnerServes):
+            serve(path, args.fingerprint, args.idle_seconds)
+    except AnotherRunnerServes:
+        pass
+    return 0
+
+
+class AnotherRunnerServes(TimeoutError):
+    """The lock stayed taken for LOCK_WAIT_S: a runner for this instance is serving; this one leaves."""
+
+
+def serve(path: Path, fingerprint: str, idle_seconds: float) -> None:
     started = time.perf_counter()
     loaded = preload()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -248,12 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     listener.listen(8)
     log(f"serving {os.environ.get('DAGSTER_HOME')} at {path} (loaded in {time.perf_counter() - started:.1f} s)")
     try:
-        Runner(listener, args.fingerprint, args.idle_seconds, loaded).serve()
+        Runner(listener, fingerprint, idle_seconds, loaded).serve()
     finally:
         path.unlink(missing_ok=True)
         listener.close()
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

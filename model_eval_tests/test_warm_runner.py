@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from model_eval.runner_client import private_socket_dir, receive_message, send_message, socket_path, stop_runner
+from model_eval.runner_client import connect, private_socket_dir, receive_message, runner_is_up, send_message, socket_path, stop_runner
 from model_eval.process_identity import ProcessIdentity
 from model_eval.settings import PROJECT_ROOT
 from model_eval_tests.conftest import stub_project_env
@@ -56,15 +55,8 @@ class Project:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             found = re.findall(r"runner (\d+): serving", self.log())
-            if found and socket_path(self.home).exists():
-                with socket.socket(socket.AF_UNIX) as probe:
-                    try:
-                        probe.connect(str(socket_path(self.home)))
-                    except OSError:
-                        pass
-                    else:
-                        # Say nothing and go: the runner refuses a request that never comes.
-                        return int(found[-1])
+            if found and runner_is_up(self.home):
+                return int(found[-1])
             time.sleep(0.1)
         raise AssertionError(f"no warm runner came up; its log:\n{self.log()}")
 
@@ -165,8 +157,7 @@ def test_exit_codes_and_errors_come_back_from_the_runner(project):
 def test_a_runner_with_other_code_or_another_instance_steps_aside(project):
     assert project.run().returncode == 0
     pid = project.wait_for_runner()
-    with socket.socket(socket.AF_UNIX) as conn:
-        conn.connect(str(socket_path(project.home)))
+    with connect(project.home) as conn:
         send_message(conn, {"argv": ["run"], "env": {}, "cwd": "/", "fingerprint": "older-code"}, [0, 1, 2])
         reply, _ = receive_message(conn)
     assert reply == {"stale": True}

@@ -48,13 +48,12 @@ def compute_win_rates(project: Project, eval_run_id: str, log: Log, completing: 
     """Win rates from each model's newest complete evaluation (and `completing`, whose partitions have all finished)."""
     models = [m.name for m in project.registry.models if m.enabled]
     rows, judge_frames, notes, sent = [], [], {}, 0
-    if not any(task.is_judged and task.scorer_settings.get("pairwise") for task in project.tasks):
+    pairwise_tasks = [task for task in project.tasks if task.is_judged and task.scorer_settings.get("pairwise")]
+    if not pairwise_tasks:
         # Nothing to judge, nothing to write: a warehouse write costs a copy of the file.
         return PairwiseOutcome(pl.DataFrame(), 0, notes)
     with ResponseCache(project.paths.cache_file) as cache:
-        for task in project.tasks:
-            if not task.is_judged or not task.scorer_settings.get("pairwise"):
-                continue
+        for task in pairwise_tasks:
             settings = JudgeSettings.of(task, project.deployment.judges.min_kappa)
             spec, unusable = judge_of(project, settings)
             with warehouse.read_connection(project.paths.warehouse_file) as conn:
