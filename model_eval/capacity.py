@@ -156,13 +156,13 @@ def measured_memory_mb(warehouse_file: Path, specs) -> dict[str, tuple[float, st
     """model -> (peak resident MB over its tasks, eval run id) from its newest measured eval run, for the
     local models among `specs` (a measurement of another local model under the same name does not count)."""
     from model_eval import warehouse
+    from model_eval.duckdb_files import table_exists
 
     local = {spec.name: spec.local_model for spec in specs if spec.local_model}
     if not local or not warehouse_file.exists():
         return {}
     with warehouse.read_connection(warehouse_file) as conn:
-        tables = {name for (name,) in conn.sql("SELECT table_name FROM information_schema.tables").fetchall()}
-        if "model_resources" not in tables:  # a warehouse from before capacity was measured
+        if not table_exists(conn, "model_resources"):  # a warehouse from before capacity was measured
             return {}
         rows = conn.sql(NEWEST_MEASUREMENTS).fetchall()
     return {model: (peak, run) for model, local_model, peak, run in rows if local.get(model) == local_model}

@@ -84,7 +84,8 @@ def admitted(conn: duckdb.DuckDBPyConnection, completing: str | None = None) -> 
 def has_statuses(conn: duckdb.DuckDBPyConnection) -> bool:
     """False for a warehouse not yet written by a version that records statuses (nothing can be running)."""
     return conn.execute("""SELECT count(*) FROM information_schema.columns
-                           WHERE table_name = 'eval_runs' AND column_name = 'status'""").fetchall()[0][0] > 0
+                           WHERE table_catalog = current_database() AND table_name = 'eval_runs'
+                             AND column_name = 'status'""").fetchall()[0][0] > 0
 
 
 def abandoned(conn: duckdb.DuckDBPyConnection, dead_lone_runs: set[str] = frozenset()) -> list[tuple[str, str]]:

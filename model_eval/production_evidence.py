@@ -16,6 +16,7 @@ from datetime import datetime
 import duckdb
 
 from model_eval.deployment import Degradation, Rollout
+from model_eval.duckdb_files import table_exists
 from model_eval.stats import binomial_test, mann_whitney_u
 
 
@@ -35,8 +36,7 @@ class ProductionWindow:
 def production_window(conn: duckdb.DuckDBPyConnection, model: str, task: str, since: datetime,
                       min_latency_calls: int) -> ProductionWindow:
     """The model's logged calls on the task since `since` (no table yet: no calls)."""
-    exists = conn.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'production_calls'").fetchall()[0][0]
-    if not exists:
+    if not table_exists(conn, "production_calls"):
         return ProductionWindow(model, since, 0, 0, None)
     calls, successes, p95 = conn.execute("""
         SELECT count(*), count(*) FILTER (WHERE success),
@@ -77,13 +77,9 @@ def advance_waits_for(window: ProductionWindow, rollout: Rollout, limits: Degrad
     return None
 
 
-def _table_exists(conn: duckdb.DuckDBPyConnection) -> bool:
-    return bool(conn.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'production_calls'").fetchall()[0][0])
-
-
 def ratings(conn: duckdb.DuckDBPyConnection, model: str, task: str, since: datetime, until: datetime) -> list[float]:
     """Ratings of the model's answers shown to users (role primary) on the task, for calls made in [since, until)."""
-    if not _table_exists(conn):
+    if not table_exists(conn, "production_calls"):
         return []
     rows = conn.execute("""SELECT rating FROM production_calls
                            WHERE model = ? AND task = ? AND role = 'primary' AND rating IS NOT NULL AND ts >= ? AND ts < ?""",

@@ -19,14 +19,14 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import duckdb
 import polars as pl
 
-from model_eval import warehouse_slices
+from model_eval import duckdb_files, warehouse_slices
 from model_eval.crash_points import crash_point
 from model_eval.file_lock import describe_holder, exclusive_lock
 
@@ -299,15 +299,13 @@ def write_connection(path: Path, lock_timeout_s: float | None = None) -> Iterato
         elif not working.exists() and path.exists():
             shutil.copyfile(path, working)  # a warehouse from before writers had a private copy
         unpublished.touch()
-        conn = duckdb.connect(str(working))
-        try:
+        with duckdb_files.open_file(working) as conn:
             create_tables(conn)
             yield conn
             crash_point("warehouse.committed")
             conn.execute("CHECKPOINT")  # everything into the main file before it is copied
             listed = warehouse_slices.listed_files(conn)
-        finally:
-            conn.close()
+        # Detached now (this process's only use of the working file): the file is closed and whole.
         _publish(working, path)
         unpublished.unlink()
         warehouse_slices.collect_garbage(path, listed)
@@ -319,19 +317,17 @@ def read_connection(path: Path, lock_timeout_s: float = 60.0) -> Iterator[duckdb
     if not path.exists():
         raise FileNotFoundError(f"{path}: no warehouse yet; run `model-eval run` first")
     deadline = time.monotonic() + lock_timeout_s
-    while True:
-        try:
-            conn = duckdb.connect(str(path), read_only=True)
-            break
-        except duckdb.Error as exc:
-            # Only someone opening the public file for writing by hand can cause this; wait for them.
-            if not _is_lock_error(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1 + random.uniform(0, 0.1))
-    try:
+    with ExitStack() as opened:
+        while True:
+            try:
+                conn = opened.enter_context(duckdb_files.open_file(path, read_only=True))
+                break
+            except duckdb.Error as exc:
+                # Only someone opening the public file for writing by hand can cause this; wait for them.
+                if not _is_lock_error(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1 + random.uniform(0, 0.1))
         yield conn
-    finally:
-        conn.close()
 
 
 # What the tables and views were last created from, kept in the warehouse: a writer whose DDL and slice

@@ -187,7 +187,8 @@ def append_rows(conn: duckdb.DuckDBPyConnection, table: str, relation: str) -> i
 
 
 def _is_base_table(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND schema_name = 'main'",
+    return bool(conn.execute("""SELECT count(*) FROM duckdb_tables()
+                                WHERE database_name = current_database() AND schema_name = 'main' AND table_name = ?""",
                              [table]).fetchall()[0][0])
 
 

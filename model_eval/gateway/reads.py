@@ -19,6 +19,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from model_eval.duckdb_files import table_exists
 from model_eval.metrics import leaderboard
 from model_eval.production_log import CALL_SCHEMA, ingested_offsets, read_events
 from model_eval.warehouse import read_connection
@@ -61,10 +62,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _has_table(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchall()[0][0])
-
-
 class Reads:
     """Read-only queries over the published warehouse and the call logs."""
 
@@ -88,14 +85,14 @@ class Reads:
             out["note"] = "no warehouse yet: run `model-eval run`"
             return out
         with read_connection(self.warehouse_file) as conn:
-            if _has_table(conn, "recommendations"):
+            if table_exists(conn, "recommendations"):
                 rows = conn.execute("""SELECT champion, runner_up, reasoning, confidence, dataset_version, eval_run_id, created_at
                                        FROM recommendations WHERE task = ? AND is_task_policy
                                        ORDER BY created_at DESC LIMIT 1""", [task]).fetchall()
                 if rows:
                     keys = ("champion", "runner_up", "reasoning", "confidence", "dataset_version", "eval_run_id", "recommended_at")
                     out.update(zip(keys, rows[0]))
-            if _has_table(conn, "model_assignments"):
+            if table_exists(conn, "model_assignments"):
                 rows = conn.execute("""SELECT action, reason, model, stage, assigned_by, assigned_at FROM model_assignments
                                        WHERE task = ? ORDER BY seq DESC LIMIT 1""", [task]).fetchall()
                 if rows:
@@ -107,11 +104,11 @@ class Reads:
         if not self.warehouse_file.exists():
             return {"task": task, "dataset_version": None, "models": [], "note": "no warehouse yet: run `model-eval run`"}
         with read_connection(self.warehouse_file) as conn:
-            if not _has_table(conn, "model_task_metrics"):
+            if not table_exists(conn, "model_task_metrics"):
                 return {"task": task, "dataset_version": None, "models": []}
             board = leaderboard(conn, task)
             version = None
-            if _has_table(conn, "recommendations"):
+            if table_exists(conn, "recommendations"):
                 rows = conn.execute("""SELECT dataset_version FROM recommendations WHERE task = ? AND is_task_policy
                                        ORDER BY created_at DESC LIMIT 1""", [task]).fetchall()
                 version = rows[0][0] if rows else None
@@ -131,7 +128,7 @@ class Reads:
         offsets: dict[str, int] = {}
         if self.warehouse_file.exists():
             with read_connection(self.warehouse_file) as conn:
-                if _has_table(conn, "production_calls"):
+                if table_exists(conn, "production_calls"):
                     offsets = ingested_offsets(conn)
                     loaded = conn.sql(f"SELECT {', '.join(STAT_COLUMNS)} FROM production_calls WHERE ts >= $since",
                                       params={"since": since}).pl().cast({c: CALL_SCHEMA[c] for c in STAT_COLUMNS})

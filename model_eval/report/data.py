@@ -11,6 +11,7 @@ from datetime import datetime
 import duckdb
 import polars as pl
 
+from model_eval.duckdb_files import table_exists
 from model_eval.golden import TaskSpec
 
 
@@ -81,13 +82,9 @@ def current_leaderboard(conn: duckdb.DuckDBPyConnection) -> pl.DataFrame:
         ORDER BY m.task, m.model""").pl()
 
 
-def _table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()[0][0])
-
-
 def _rows(conn: duckdb.DuckDBPyConnection, table: str, sql: str, params: dict) -> pl.DataFrame:
     """A query on a table an older warehouse may not have yet: empty then, never an error."""
-    return conn.sql(sql, params=params).pl() if _table_exists(conn, table) else pl.DataFrame()
+    return conn.sql(sql, params=params).pl() if table_exists(conn, table) else pl.DataFrame()
 
 
 LEADERBOARD_SQL = """
