@@ -52,12 +52,12 @@ def _failure_text(event) -> str:
     return f"{event.step_key}: {cause.message.strip() if cause else 'failed'}"
 
 
-def _check_failures(instance: dg.DagsterInstance, run_id: str) -> list[str]:
-    """The gate checks of a run that failed for some task, with the description each one recorded."""
+def _check_failures(events: list[dg.DagsterEvent]) -> list[str]:
+    """The gate checks of a run that failed for some task, with the description each one recorded
+    (from the run's own events, which an in-process run returns: no read of the event log)."""
     texts = []
-    for record in instance.get_records_for_run(run_id).records:
-        event = record.event_log_entry.dagster_event
-        if event is None or event.event_type_value != "ASSET_CHECK_EVALUATION":
+    for event in events:
+        if event.event_type_value != "ASSET_CHECK_EVALUATION":
             continue
         evaluation = event.event_specific_data
         if not evaluation.passed:
@@ -117,7 +117,7 @@ def _run_jobs(defs: dg.Definitions, instance: dg.DagsterInstance, project: Proje
         outcome.dagster_run_ids.append(result.run_id)
         # A gate that fails for one task is a WARN check result, not a failed run: promotion still
         # runs for the other tasks. Report which gates held which tasks back.
-        blocked = _check_failures(instance, result.run_id)
+        blocked = _check_failures(result.all_events)
         if blocked:
             outcome.blocked = "; ".join(blocked)
         if result.success:
