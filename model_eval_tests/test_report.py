@@ -243,7 +243,34 @@ def test_the_trends_axis_spans_at_least_an_hour_around_runs_minutes_apart(projec
     data = report_data(project.paths, project.outcomes[1].eval_run_id)
     for section in data.tasks:
         figure = trends_chart(section, colours={m: "#000" for m in section.trends["model"].unique()})
-        low, high = (datetime.fromisoformat(edge) for edge in figure.layout.xaxis.range)
-        shown = [datetime.fromisoformat(x) for trace in figure.data for x in trace.x]
+        low, high = (datetime.fromisoformat(edge) for edge in figure["layout"]["xaxis"]["range"])
+        shown = [datetime.fromisoformat(x) for trace in figure["data"] for x in trace["x"]]
         assert len(shown) >= 2 and high - low >= timedelta(hours=1)
         assert all(low < when < high for when in shown)
+
+
+def test_every_chart_is_a_figure_plotly_accepts(project):
+    """The charts are plain data (charts.py says why); Plotly's own figure classes check each one here:
+    a misspelt or misplaced property raises."""
+    import plotly.graph_objects as go
+
+    from model_eval.report import report_data
+    from model_eval.report.charts import (accuracy_chart, assignment_timeline, case_grid_chart, model_colours,
+                                          trends_chart, tradeoff_chart)
+
+    data = report_data(project.paths, project.outcomes[1].eval_run_id)
+    checked = 0
+    for section in data.tasks:
+        if section.leaderboard.is_empty():
+            continue
+        colours = model_colours(section.leaderboard["model"].to_list() + section.trends["model"].to_list()
+                                + section.assignments["model"].to_list())
+        figures = [accuracy_chart(section, colours), trends_chart(section, colours), case_grid_chart(section)[0],
+                   tradeoff_chart(section, colours, "p95_latency_ms", "p95 latency (ms)"),
+                   tradeoff_chart(section, colours, "cost_per_case_usd", "cost per case (USD)"),
+                   assignment_timeline(section, colours)]
+        for figure in filter(None, figures):
+            checked_figure = go.Figure(figure)   # validates every property, raising on an unknown one
+            assert len(checked_figure.data) == len(figure["data"]) > 0
+            checked += 1
+    assert checked >= 5

@@ -1,14 +1,18 @@
-"""The report's charts, as Plotly figures built from a `TaskSection` (no warehouse access here)."""
+"""The report's charts, built from a `TaskSection` (no warehouse access here).
+
+Each chart is a Plotly figure as plain data, {"data": [traces], "layout": {...}}, the JSON plotly.js
+draws. Plotly's figure classes would check every property as it is set: about 0.1 s for a task's
+six charts, most of a warm run's report. The tests pass every chart through those classes instead,
+so a misspelt property still fails there.
+"""
 
 from __future__ import annotations
 
 import html
 from datetime import datetime, timedelta, timezone
 
-import plotly.graph_objects as go
 import polars as pl
 from plotly.colors import qualitative
-from plotly.subplots import make_subplots
 
 from model_eval.report.data import TaskSection
 
@@ -18,6 +22,23 @@ STAGE_COLOURS = {"full": "#2a9d8f", "partial": "#e9c46a", "shadow": "#a8a8c8"}
 # "none": the page's white theme is added when the figure is written (render.py), as plain data.
 LAYOUT = dict(template="none", margin=dict(l=60, r=20, t=70, b=60), font=dict(size=12),
               legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
+
+
+def _layout(**settings) -> dict:
+    """The common layout with these settings; a dict setting (margin, legend) adds to the common one."""
+    layout = {key: dict(value) if isinstance(value, dict) else value for key, value in LAYOUT.items()}
+    for key, value in settings.items():
+        layout[key] = {**layout[key], **value} if isinstance(value, dict) and isinstance(layout.get(key), dict) else value
+    return layout
+
+
+def _threshold_line(layout: dict, threshold: float, label: str | None = None) -> None:
+    """A dashed line across the plot at `threshold` (what Plotly's add_hline draws)."""
+    layout.setdefault("shapes", []).append(dict(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=threshold,
+                                                y1=threshold, line=dict(color="#c0392b", dash="dash")))
+    if label:
+        layout.setdefault("annotations", []).append(dict(text=label, showarrow=False, xref="x domain", x=0,
+                                                         xanchor="left", yref="y", y=threshold, yanchor="bottom"))
 
 
 def _title(text: str, subtitle: str | None = None) -> dict:
@@ -61,33 +82,31 @@ def _n_label(row: dict) -> str:
     return f"{row['cases']} cases, {row['calls']} calls"
 
 
-def accuracy_chart(section: TaskSection, colours: dict[str, str]) -> go.Figure:
+def accuracy_chart(section: TaskSection, colours: dict[str, str]) -> dict:
     board = section.leaderboard
-    fig = go.Figure()
     hover = [f"<b>{html.escape(r['model'])}</b><br>accuracy {r['accuracy']:.3f} (95% interval {r['accuracy_low']:.3f}–"
              f"{r['accuracy_high']:.3f})<br>{_n_label(r)}" for r in board.iter_rows(named=True)]
-    fig.add_trace(go.Bar(x=board["model"].to_list(), y=board["accuracy"].to_list(), error_y=_interval_errors(board),
-                         marker_color=[colours[m] for m in board["model"]], hovertext=hover, hoverinfo="text",
-                         marker_line_width=[3 if m == section.champion else 0 for m in board["model"]],
-                         marker_line_color="#222", name="accuracy", showlegend=False))
+    bars = dict(type="bar", x=board["model"].to_list(), y=board["accuracy"].to_list(), error_y=_interval_errors(board),
+                marker=dict(color=[colours[m] for m in board["model"]],
+                            line=dict(width=[3 if m == section.champion else 0 for m in board["model"]], color="#222")),
+                hovertext=hover, hoverinfo="text", name="accuracy", showlegend=False)
+    layout = _layout(title=_title("Accuracy per model", "bars: accuracy; whiskers: 95% interval"
+                                  + ("; outlined: champion" if section.champion else "")),
+                     yaxis=dict(title=dict(text="accuracy"), range=[0, 1.05]), xaxis=dict(title=dict(text="model")), height=380)
     if section.threshold is not None:
-        fig.add_hline(y=section.threshold, line_dash="dash", line_color="#c0392b",
-                      annotation_text=f"threshold {section.threshold:.2f}", annotation_position="top left")
-    fig.update_layout(**LAYOUT, title=_title("Accuracy per model", "bars: accuracy; whiskers: 95% interval"
-                                             + ("; outlined: champion" if section.champion else "")),
-                      yaxis=dict(title="accuracy", range=[0, 1.05]), xaxis=dict(title="model"), height=380)
-    return fig
+        _threshold_line(layout, section.threshold, f"threshold {section.threshold:.2f}")
+    return dict(data=[bars], layout=layout)
 
 
-def tradeoff_chart(section: TaskSection, colours: dict[str, str], column: str, label: str) -> go.Figure:
+def tradeoff_chart(section: TaskSection, colours: dict[str, str], column: str, label: str) -> dict:
     """Accuracy against a lower-is-better figure, the Pareto front drawn through the models no one beats on both."""
     board = section.leaderboard
     known = board.filter(pl.col(column).is_not_null())
     unknown = board.filter(pl.col(column).is_null())["model"].to_list()
-    fig = go.Figure()
+    traces = []
     for r in known.iter_rows(named=True):
-        fig.add_trace(go.Scatter(
-            x=[r[column]], y=[r["accuracy"]], mode="markers+text", text=[r["model"]], textposition="top center",
+        traces.append(dict(
+            type="scatter", x=[r[column]], y=[r["accuracy"]], mode="markers+text", text=[r["model"]], textposition="top center",
             marker=dict(size=13, color=colours[r["model"]], line=dict(width=2 if r["model"] == section.champion else 0, color="#222")),
             error_y=dict(type="data", symmetric=False, array=[r["accuracy_high"] - r["accuracy"]],
                          arrayminus=[r["accuracy"] - r["accuracy_low"]], thickness=1.2, width=4),
@@ -97,23 +116,23 @@ def tradeoff_chart(section: TaskSection, colours: dict[str, str], column: str, l
     front = pareto_front([(r["model"], r[column], r["accuracy"]) for r in known.iter_rows(named=True)])
     if front:
         by_model = {r["model"]: r for r in known.iter_rows(named=True)}
-        fig.add_trace(go.Scatter(x=[by_model[m][column] for m in front], y=[by_model[m]["accuracy"] for m in front],
-                                 mode="lines+markers", line=dict(color="#444", dash="dot", shape="hv"),
-                                 marker=dict(symbol="diamond-open", size=20, color="#444"),
-                                 name="Pareto front", hoverinfo="text",
-                                 hovertext=[f"Pareto front: {html.escape(m)}" for m in front]))
-    if section.threshold is not None:
-        fig.add_hline(y=section.threshold, line_dash="dash", line_color="#c0392b")
+        traces.append(dict(type="scatter", x=[by_model[m][column] for m in front], y=[by_model[m]["accuracy"] for m in front],
+                           mode="lines+markers", line=dict(color="#444", dash="dot", shape="hv"),
+                           marker=dict(symbol="diamond-open", size=20, color="#444"),
+                           name="Pareto front", hoverinfo="text",
+                           hovertext=[f"Pareto front: {html.escape(m)}" for m in front]))
     subtitle = "diamonds: Pareto front (no other model is both better and cheaper or faster)"
     if unknown:
         subtitle = f"{subtitle}<br><span style='color:#c0392b'>{html.escape(label)} unknown, not plotted: {html.escape(', '.join(unknown))}</span>"
-    fig.update_layout(**LAYOUT, title=_title(f"Accuracy against {label}", subtitle), height=420,
-                      xaxis=dict(title=label, rangemode="tozero"), yaxis=dict(title="accuracy", range=[0, 1.1]))
-    fig.update_layout(margin=dict(t=90 if unknown else 75))
-    return fig
+    layout = _layout(title=_title(f"Accuracy against {label}", subtitle), height=420,
+                     xaxis=dict(title=dict(text=label), rangemode="tozero"),
+                     yaxis=dict(title=dict(text="accuracy"), range=[0, 1.1]), margin=dict(t=90 if unknown else 75))
+    if section.threshold is not None:
+        _threshold_line(layout, section.threshold)
+    return dict(data=traces, layout=layout)
 
 
-def case_grid_chart(section: TaskSection) -> tuple[go.Figure, str | None]:
+def case_grid_chart(section: TaskSection) -> tuple[dict, str | None]:
     """Case x model: the share of repeats answered right, with the expected and given answers on hover.
 
     Returns the figure and a note when cases had to be left out.
@@ -148,24 +167,24 @@ def case_grid_chart(section: TaskSection) -> tuple[go.Figure, str | None]:
             text_row.append("<br>".join(lines))
         z.append(z_row)
         text.append(text_row)
-    fig = go.Figure(go.Heatmap(z=z, x=models, y=cases, text=text, hoverinfo="text", zmin=0, zmax=1, xgap=2, ygap=1,
-                               colorscale=[[0, "#d62728"], [0.5, "#f4d35e"], [1, "#2ca02c"]],
-                               colorbar=dict(title="share right", thickness=12)))
-    fig.update_layout(**LAYOUT, title=_title("Which cases each model gets wrong", "share of repeats right; hover a cell for "
-                                             "the expected and given answers"),
-                      height=max(320, 120 + 16 * len(cases)),
-                      yaxis=dict(title="case", autorange="reversed", type="category"), xaxis=dict(title="model", side="top"))
-    return fig, note
+    heatmap = dict(type="heatmap", z=z, x=models, y=cases, text=text, hoverinfo="text", zmin=0, zmax=1, xgap=2, ygap=1,
+                   colorscale=[[0, "#d62728"], [0.5, "#f4d35e"], [1, "#2ca02c"]],
+                   colorbar=dict(title=dict(text="share right"), thickness=12))
+    layout = _layout(title=_title("Which cases each model gets wrong", "share of repeats right; hover a cell for "
+                                  "the expected and given answers"),
+                     height=max(320, 120 + 16 * len(cases)),
+                     yaxis=dict(title=dict(text="case"), autorange="reversed", type="category"),
+                     xaxis=dict(title=dict(text="model"), side="top"))
+    return dict(data=[heatmap], layout=layout), note
 
 
-def assignment_timeline(section: TaskSection, colours: dict[str, str], now: datetime | None = None) -> go.Figure | None:
+def assignment_timeline(section: TaskSection, colours: dict[str, str], now: datetime | None = None) -> dict | None:
     """Which model served the task, and which candidate was in shadow or partial, over time."""
     history = section.assignments
     if history.is_empty():
         return None
     now = now or datetime.now(timezone.utc).replace(tzinfo=None)
     rows = history.sort("seq").to_dicts()
-    fig = go.Figure()
     bars: dict[str, dict[str, list]] = {}
 
     def bar(lane: str, model: str, start: datetime, end: datetime, hover: str) -> None:
@@ -185,27 +204,28 @@ def assignment_timeline(section: TaskSection, colours: dict[str, str], now: date
             share = f" ({row['traffic_share']:.0%} of requests)" if row["stage"] == "partial" else ""
             bar(row["stage"], row["model"], start, end,
                 f"<b>{html.escape(row['model'])}</b> in {row['stage']}{share}<br>since {start:%Y-%m-%d %H:%M}<br>{reason}")
-    for lane, group in bars.items():
-        fig.add_trace(go.Bar(orientation="h", y=group["y"], base=group["base"], x=group["x"], name=lane,
-                             marker_color=STAGE_COLOURS.get(lane, STAGE_COLOURS["full"]) if lane != "serving" else STAGE_COLOURS["full"],
-                             hovertext=group["hover"], hoverinfo="text", offsetgroup=lane))
-    fig.add_trace(go.Scatter(
-        x=[r["assigned_at"].isoformat() for r in rows], y=[r["model"] for r in rows], mode="markers", name="change",
+    traces = [dict(type="bar", orientation="h", y=group["y"], base=group["base"], x=group["x"], name=lane,
+                   marker=dict(color=STAGE_COLOURS.get(lane, STAGE_COLOURS["full"]) if lane != "serving" else STAGE_COLOURS["full"]),
+                   hovertext=group["hover"], hoverinfo="text", offsetgroup=lane)
+              for lane, group in bars.items()]
+    traces.append(dict(
+        type="scatter", x=[r["assigned_at"].isoformat() for r in rows], y=[r["model"] for r in rows], mode="markers", name="change",
         marker=dict(symbol="line-ns-open", size=22, color="#222", line=dict(width=2)), hoverinfo="text",
         hovertext=[f"<b>{html.escape(r['action'])}</b> {html.escape(r['model'])} ({r['stage']}) by {html.escape(str(r['assigned_by']))}"
                    f"<br>{r['assigned_at']:%Y-%m-%d %H:%M}<br>{_short(r['reason'], 200)}" for r in rows]))
-    fig.update_layout(**LAYOUT, title=_title("Assignment history", "bars: the model serving, and candidates in shadow or "
-                                             "partial rollout; ticks: each recorded change"),
-                      barmode="group", height=max(260, 160 + 50 * history["model"].n_unique()),
-                      xaxis=dict(type="date", title="time"), yaxis=dict(title="model", type="category"))
-    fig.update_layout(legend=dict(y=-0.3), margin=dict(b=90))
-    return fig
+    layout = _layout(title=_title("Assignment history", "bars: the model serving, and candidates in shadow or "
+                                  "partial rollout; ticks: each recorded change"),
+                     barmode="group", height=max(260, 160 + 50 * history["model"].n_unique()),
+                     xaxis=dict(type="date", title=dict(text="time")), yaxis=dict(title=dict(text="model"), type="category"),
+                     legend=dict(y=-0.3), margin=dict(b=90))
+    return dict(data=traces, layout=layout)
 
 
-def trends_chart(section: TaskSection, colours: dict[str, str]) -> go.Figure:
-    """Accuracy (with its interval) and p95 latency per model across evaluation runs."""
+def trends_chart(section: TaskSection, colours: dict[str, str]) -> dict:
+    """Accuracy (with its interval) and p95 latency per model across evaluation runs: two plots, one above
+    the other, sharing the time axis (the upper one's tick labels hidden, as Plotly's subplots do)."""
     trends = section.trends.with_columns(pl.coalesce("started_at", "evaluated_at").alias("when")).sort("when")
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1)
+    traces = []
     for model in sorted(trends["model"].unique().to_list()):
         rows = trends.filter(pl.col("model") == model)
         when = [w.isoformat() for w in rows["when"]]
@@ -213,17 +233,22 @@ def trends_chart(section: TaskSection, colours: dict[str, str]) -> go.Figure:
                  f"<br>accuracy {r['accuracy']:.3f} ({r['accuracy_low']:.3f}–{r['accuracy_high']:.3f}), {r['cases']} cases"
                  + (f"<br>p95 {r['p95_latency_ms']:.0f} ms" if r["p95_latency_ms"] is not None else "")
                  for r in rows.iter_rows(named=True)]
-        common = dict(mode="lines+markers", line=dict(color=colours[model]), marker=dict(color=colours[model]),
+        common = dict(type="scatter", mode="lines+markers", line=dict(color=colours[model]), marker=dict(color=colours[model]),
                       legendgroup=model, hovertext=hover, hoverinfo="text")
-        fig.add_trace(go.Scatter(x=when, y=rows["accuracy"].to_list(), name=model, error_y=_interval_errors(rows), **common),
-                      row=1, col=1)
-        fig.add_trace(go.Scatter(x=when, y=rows["p95_latency_ms"].to_list(), name=model, showlegend=False, **common), row=2, col=1)
-    fig.update_layout(**LAYOUT, title=_title("Trends across evaluation runs", "accuracy with its 95% interval, and p95 latency"),
-                      height=560)
-    fig.update_yaxes(range=[0, 1.05], title="accuracy", row=1, col=1)
-    fig.update_yaxes(rangemode="tozero", title="p95 latency (ms)", row=2, col=1)
-    fig.update_xaxes(type="date", range=_padded_time_range(trends["when"].to_list()))
-    return fig
+        traces.append(dict(x=when, y=rows["accuracy"].to_list(), name=model, error_y=_interval_errors(rows),
+                           xaxis="x", yaxis="y", **common))
+        traces.append(dict(x=when, y=rows["p95_latency_ms"].to_list(), name=model, showlegend=False,
+                           xaxis="x2", yaxis="y2", **common))
+    time_axis = dict(type="date", domain=[0.0, 1.0])
+    if (padded := _padded_time_range(trends["when"].to_list())) is not None:
+        time_axis["range"] = padded
+    layout = _layout(title=_title("Trends across evaluation runs", "accuracy with its 95% interval, and p95 latency"),
+                     height=560,
+                     xaxis=dict(time_axis, anchor="y", matches="x2", showticklabels=False),
+                     xaxis2=dict(time_axis, anchor="y2"),
+                     yaxis=dict(anchor="x", domain=[0.55, 1.0], range=[0, 1.05], title=dict(text="accuracy")),
+                     yaxis2=dict(anchor="x2", domain=[0.0, 0.45], rangemode="tozero", title=dict(text="p95 latency (ms)")))
+    return dict(data=traces, layout=layout)
 
 
 def _padded_time_range(times: list) -> list[str] | None:

@@ -73,9 +73,9 @@ def _page_template() -> dict:
     return pio.templates["plotly_white"].to_plotly_json()
 
 
-def _figure(fig, div_id: str) -> str:
-    spec = fig.to_plotly_json()
-    spec["layout"]["template"] = _page_template()   # the charts are built with the empty "none" theme
+def _figure(figure: dict, div_id: str) -> str:
+    # The charts are built on the empty "none" theme; the page's white theme is added here, as data.
+    spec = {"data": figure["data"], "layout": {**figure["layout"], "template": _page_template()}}
     return pio.to_html(spec, include_plotlyjs=False, full_html=False, div_id=div_id, config=PLOT_CONFIG, validate=False)
 
 
