@@ -86,11 +86,14 @@ def run_in_process(args: argparse.Namespace, instance=None, definitions=None) ->
         unknown = f" (+ {len(plan.unknown_cost)} unknown, allowed)" if plan.unknown_cost else ""
         print(f"expected cost {plan.known_cost_usd:.6f} USD{unknown}, within --max-cost {args.max_cost:g} USD")
 
-    _prepare_dagster_home()
+    home = _prepare_dagster_home()
     import dagster as dg
 
+    from model_eval.dagster_sqlite import relax_instance_sync
     from model_eval.definitions import defs
     from model_eval.orchestration import run_evaluation
+
+    relax_instance_sync(home)   # the run's Dagster events without an fsync each (dagster_sqlite.py)
 
     task_names = [t.name for t in tasks]
     instance = instance or dg.DagsterInstance.get()
