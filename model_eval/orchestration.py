@@ -9,12 +9,15 @@ scores into the metrics, and an evaluation that stops before that is marked inco
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import dagster as dg
 
@@ -40,6 +43,23 @@ class EvaluationOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None and not self.failed
+
+
+@contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """Keep SIGTERM's handler across an in-process Dagster run. Dagster's interrupt capture leaves
+    SIGTERM with SIGINT's handler when a run ends; in a process started in the background SIGINT is
+    ignored, so SIGTERM would be ignored from then on, and so would it be in every process started
+    afterwards (the local model servers, a warm runner): they could no longer be stopped by SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield   # only the main thread can set handlers; Dagster changes none from other threads either
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:   # None: set outside Python, and nothing can put it back
+            signal.signal(signal.SIGTERM, handler)
 
 
 def new_eval_run_id() -> str:
@@ -113,7 +133,8 @@ def _run_jobs(defs: dg.Definitions, instance: dg.DagsterInstance, project: Proje
     def execute(job_name: str, **kwargs) -> str | None:
         """Run a job in this process, recorded in the instance; returns the error text, or None."""
         job = defs.resolve_job_def(job_name)
-        result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, **kwargs)
+        with sigterm_kept():
+            result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, **kwargs)
         outcome.dagster_run_ids.append(result.run_id)
         # A gate that fails for one task is a WARN check result, not a failed run: promotion still
         # runs for the other tasks. Report which gates held which tasks back.

@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fingerprint", required=True)
     parser.add_argument("--idle-seconds", type=float, default=900.0)
     args = parser.parse_args(argv)
+    # A run is interrupted by the runner sending itself SIGINT; a caller started in the background
+    # hands its runner an ignored SIGINT (and SIGTERM), which would leave runs uninterruptible.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     path = Path(args.socket)
     # Two callers may start a runner at once: the one holding the lock serves, the other leaves.
     # A runner replaced for running older code may still be finishing a run: wait a while for it.

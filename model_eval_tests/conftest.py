@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,11 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 # `model-eval run` in these tests runs in its own process; a warm runner left behind per test
 # instance would hold memory for minutes. test_warm_runner.py turns it on where it is the subject.
 os.environ["MODEL_EVAL_RUNNER"] = "off"
+# A suite started in the background (`pytest &`) inherits an ignored SIGINT. Dagster runs made here
+# directly (dg.materialize) hand SIGINT's handler to SIGTERM when they end, and every process a test
+# starts afterwards would then ignore SIGTERM and never stop on terminate(): Python's own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from model_eval.settings import PROJECT_ROOT, ProjectPaths  # noqa: E402
 

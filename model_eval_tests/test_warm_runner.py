@@ -239,3 +239,36 @@ def test_a_caller_killed_during_its_run_interrupts_it_in_the_runner(project):
     wait_until(lambda: not alive(pid), 60, "the runner to interrupt the run and exit")
     assert "that run was interrupted" in project.log()
     assert [status for _, status, _ in project.eval_runs()][-1] == "incomplete"
+
+
+def ignored_signals(pid: int) -> set[int]:
+    mask = int(re.search(r"SigIgn:\s*([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text()).group(1), 16)
+    return {signum for signum in (signal.SIGINT, signal.SIGTERM) if mask & (1 << (signum - 1))}
+
+
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # what a shell does to a command started with `&`
+
+
+def test_a_run_started_in_the_background_leaves_sigterm_working(project):
+    # Dagster's interrupt capture leaves SIGTERM with SIGINT's handler after an in-process run: here
+    # SIG_IGN, which every process started afterwards (a local model server) would inherit.
+    script = ("import re, signal, sys; from model_eval.cli import main; code = main(['run', '--in-process', '-q']); "
+              "mask = int(re.search(r'SigIgn:\\s*([0-9a-f]+)', open('/proc/self/status').read()).group(1), 16); "
+              "print('sigterm ignored' if mask & (1 << (signal.SIGTERM - 1)) else 'sigterm default', code)")
+    done = subprocess.run([sys.executable, "-c", script], env={**project.env, "MODEL_EVAL_RUNNER": "off"}, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=300, preexec_fn=ignore_sigint)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "sigterm default 0"
+
+
+def test_a_runner_started_by_a_background_caller_can_be_interrupted_and_stopped(project):
+    first = subprocess.run(project.command(), env=project.env, cwd=PROJECT_ROOT, capture_output=True, text=True,
+                           timeout=300, preexec_fn=ignore_sigint)
+    assert first.returncode == 0, first.stderr[-3000:]
+    pid = project.wait_for_runner()
+    served = project.run()                          # a run in the runner: Dagster's interrupt capture ran there
+    assert served.returncode == 0 and len(project.served_runs()) == 1, served.stderr[-3000:]
+    assert ignored_signals(pid) == set()            # SIGINT interrupts its runs, SIGTERM stops it
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not alive(pid), 30, "the runner to stop on SIGTERM")
