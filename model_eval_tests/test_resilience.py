@@ -5,10 +5,12 @@ The engine's fault tests run on both call paths (litellm and the lean HTTP clien
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -125,9 +127,21 @@ run_inference(Project.load(paths), "fake", "crash-run", logging.getLogger("worke
 
 
 def _answer(info):
-    # Deterministic per prompt and repeat, slow enough that a kill lands mid-partition.
+    # Deterministic per prompt and repeat, slow enough that a kill lands mid-partition: two halves
+    # 0.04 s apart (one chunk would be sent at once, with no pause at all).
     text = hashlib.sha256(json.dumps(info.payload.get("messages")).encode()).hexdigest()[:12]
-    return slow_body(seconds=0.04, chunks=1, text=f"PASS {text}")
+    return slow_body(seconds=0.08, chunks=2, text=f"PASS {text}")
+
+
+def _committed_answers(cache_file) -> int:
+    """Answers the worker has committed to its response cache, read without writing to the file."""
+    if not cache_file.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{cache_file}?mode=ro", uri=True, timeout=5)) as conn:
+            return conn.execute("SELECT count(*) FROM responses").fetchone()[0]
+    except sqlite3.OperationalError:   # the worker has not created the table yet
+        return 0
 
 
 def _setup_warehouse(paths, server, log, client: str | None = None):
@@ -159,7 +173,10 @@ def test_sigkill_mid_partition_then_restart_repeats_no_finished_call(paths, log,
         _setup_warehouse(paths, server, log, client)
         worker = subprocess.Popen([sys.executable, "-c", WORKER], env=_env(paths), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
-        while server.total < 50 and time.monotonic() < deadline and worker.poll() is None:
+        # Kill once some answers are committed (the engine writes them in batches) and the run is
+        # well under way; waiting on the server's count alone raced the first batch on a fast machine.
+        while (server.total < 50 or _committed_answers(paths.cache_file) == 0) \
+                and time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.02)
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
