@@ -87,16 +87,14 @@ def run_in_process(args: argparse.Namespace, instance=None, definitions=None) ->
         print(f"expected cost {plan.known_cost_usd:.6f} USD{unknown}, within --max-cost {args.max_cost:g} USD")
 
     home = _prepare_dagster_home()
-    import dagster as dg
-
-    from model_eval.dagster_sqlite import relax_instance_sync
+    from model_eval.dagster_sqlite import open_instance, relax_instance_sync
     from model_eval.definitions import defs
     from model_eval.orchestration import run_evaluation
 
     relax_instance_sync(home)   # the run's Dagster events without an fsync each (dagster_sqlite.py)
 
     task_names = [t.name for t in tasks]
-    instance = instance or dg.DagsterInstance.get()
+    instance = instance or open_instance()
     print(f"{len(runnable)} model(s) x {len(task_names)} task(s); Dagster instance {os.environ['DAGSTER_HOME']}", flush=True)
     started = time.perf_counter()
     outcome = run_evaluation(definitions or defs(), instance, project, runnable, task_names, trigger="cli",

@@ -1,4 +1,5 @@
-"""Dagster's SQLite instance files without an fsync per commit, in the processes that run our jobs.
+"""Dagster's SQLite instance files: without an fsync per commit in the processes that run our jobs, and
+opened safely by two processes at once (`open_instance`).
 
 Dagster's SQLite storage opens a connection for every event it stores and commits each one. Under
 SQLite's default (synchronous=FULL) every commit waits for the disk: a warm 20-case `model-eval run`
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+
+OPEN_LOCK = ".open.lock"   # in the instance folder, held while a process opens the instance
 
 # Instance folders (each ending in a separator) whose files this process relaxes; one listener serves all.
 _relaxed_homes: list[str] = []
@@ -45,3 +48,24 @@ def _on_connect(dbapi_connection, _connection_record) -> None:
     # A file Dagster has just created is not in WAL mode yet: it stays as it is for this connection.
     if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
         dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def open_instance(timeout_s: float = 120.0):
+    """`DagsterInstance.get()`, one process at a time per instance folder. The first `model-eval run` on
+    a new instance creates its SQLite tables while the warm runner it started in the background opens
+    the same instance; both creating them failed one with "table jobs already exists", and a process
+    that opened the tables between the other's creating and stamping them could record the schema
+    version twice ("more than one head"), breaking the instance for good (both seen in the test suite).
+    Under this lock the second process finds the tables made and stamped."""
+    import dagster as dg
+
+    from model_eval.file_lock import exclusive_lock
+
+    home = Path(os.environ["DAGSTER_HOME"])
+
+    def gave_up() -> Exception:
+        return TimeoutError(f"{home / OPEN_LOCK}: another process has been opening this Dagster instance "
+                            f"for {timeout_s:.0f} s")
+
+    with exclusive_lock(home / OPEN_LOCK, timeout_s, gave_up):
+        return dg.DagsterInstance.get()

@@ -45,9 +45,9 @@ class LoadedDagster:
     (the schedule's cron), so they are built again when that file changes."""
 
     def __init__(self):
-        import dagster as dg
+        from model_eval.dagster_sqlite import open_instance
 
-        self.instance = dg.DagsterInstance.get()
+        self.instance = open_instance()
         self._definitions = None
         self._deployment_stamp = None
 
