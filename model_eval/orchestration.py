@@ -28,6 +28,7 @@ from model_eval.project import Project
 from model_eval.registry import ModelSpec
 from model_eval.run_reaper import owner_tags, reap_dead_runs
 from model_eval.serving import local_models_served
+from model_eval.unchanged import Reuse, record_reuses, reusable_by_model, served_tasks
 
 
 @dataclass
@@ -39,6 +40,7 @@ class EvaluationOutcome:
     blocked: str | None = None                                # gates that failed for some task (its promotion waits)
     dagster_run_ids: list[str] = field(default_factory=list)
     recommended: bool = False      # the recommend run succeeded, so it marked the evaluation complete
+    reused: dict[str, list[Reuse]] = field(default_factory=dict)   # model -> evaluations found unchanged, not run
 
     @property
     def ok(self) -> bool:
@@ -149,20 +151,34 @@ def _run_jobs(defs: dg.Definitions, instance: dg.DagsterInstance, project: Proje
     if error := execute("prepare", run_config=logging_config):
         outcome.error = f"prepare: {error}"
         return
-    with local_models_served(project.registry, models, project.paths.warehouse_file.parent / "run"):
-        for index, spec in enumerate(models, start=1):
+    # Evaluations this run would repeat exactly are reused, not run again (unchanged.py).
+    reuses = reusable_by_model(project, models, task_names, inference_settings["max_cache_age_hours"])
+    to_run = {spec.name: [t for t in served_tasks(project, spec, task_names) if t not in {r.task for r in reuses[spec.name]}]
+              for spec in models}
+    for spec in models:
+        if reuses[spec.name]:
+            outcome.reused[spec.name] = reuses[spec.name]
+            runs = ", ".join(sorted({r.eval_run_id for r in reuses[spec.name]}))
+            tasks = ", ".join(r.task for r in reuses[spec.name])
+            say(f"{spec.name}: unchanged since eval run {runs} on {tasks} (every answer cached; same golden files, "
+                f"task settings, model settings and scoring code): its results stand")
+    if outcome.reused:
+        record_reuses(project.paths.warehouse_file, outcome.eval_run_id, outcome.reused)
+    running = [spec for spec in models if to_run[spec.name] or not outcome.reused.get(spec.name)]
+    with local_models_served(project.registry, running, project.paths.warehouse_file.parent / "run"):
+        for index, spec in enumerate(running, start=1):
             started = time.perf_counter()
-            say(f"[{index}/{len(models)}] {spec.name}: evaluating ...")
-            inference_config = {"tasks": task_names, **inference_settings}
+            say(f"[{index}/{len(running)}] {spec.name}: evaluating ...")
+            inference_config = {"tasks": to_run[spec.name] or task_names, **inference_settings}
             config = {**logging_config, "ops": {"inference_results": {"config": inference_config}}}
             error = execute("evaluate_model", partition_key=spec.name, run_config=config)
             if error:
                 outcome.failed[spec.name] = error
-                say(f"[{index}/{len(models)}] {spec.name}: FAILED: {error}")
+                say(f"[{index}/{len(running)}] {spec.name}: FAILED: {error}")
             else:
                 outcome.succeeded.append(spec.name)
-                say(f"[{index}/{len(models)}] {spec.name}: done in {time.perf_counter() - started:.1f} s")
-    if not outcome.succeeded:
+                say(f"[{index}/{len(running)}] {spec.name}: done in {time.perf_counter() - started:.1f} s")
+    if not outcome.succeeded and not outcome.reused:
         outcome.error = "no model was evaluated"
         return
     if error := execute("recommend", run_config=logging_config):

@@ -41,16 +41,20 @@ class ResponseCache:
 
     def get_many(self, keys: list[str], max_age_s: float | None = None) -> dict[str, dict[str, Any]]:
         """Cached payloads by key; with `max_age_s`, only answers younger than that (older ones are asked again)."""
-        found: dict[str, dict[str, Any]] = {}
+        return {key: json.loads(payload) for key, payload in self._select("key, payload", keys, max_age_s)}
+
+    def count_present(self, keys: list[str], max_age_s: float | None = None) -> int:
+        """How many of `keys` (distinct) have an answer, young enough with `max_age_s`."""
+        return sum(1 for _ in self._select("key", list(dict.fromkeys(keys)), max_age_s))
+
+    def _select(self, columns: str, keys: list[str], max_age_s: float | None):
         oldest = time.time() - max_age_s if max_age_s is not None else 0.0
         # SQLite limits bound parameters per statement; 500 stays well under it.
         for start in range(0, len(keys), 500):
             chunk = keys[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            query = f"SELECT key, payload FROM responses WHERE key IN ({marks}) AND created_at >= ?"
-            for key, payload in self._conn.execute(query, [*chunk, oldest]):
-                found[key] = json.loads(payload)
-        return found
+            yield from self._conn.execute(f"SELECT {columns} FROM responses WHERE key IN ({marks}) AND created_at >= ?",
+                                          [*chunk, oldest])
 
     def put(self, key: str, model: str, payload: dict[str, Any]) -> None:
         self.put_many([(key, model, payload)])

@@ -110,6 +110,12 @@ CREATE TABLE IF NOT EXISTS evaluation_status (
 -- The evaluation's status beside its figures, so ranking and baselines can leave stopped ones out.
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'complete';
 ALTER TABLE model_task_metrics ADD COLUMN IF NOT EXISTS status_reason VARCHAR;
+-- What decided the evaluation's rows besides the answers (model_eval/unchanged.py); NULL when a call failed.
+ALTER TABLE evaluation_status ADD COLUMN IF NOT EXISTS inputs_fingerprint VARCHAR;
+-- Evaluations a run found unchanged and reused instead of running again (model_eval/unchanged.py).
+CREATE TABLE IF NOT EXISTS reused_evaluations (
+    eval_run_id VARCHAR, model VARCHAR, task VARCHAR, reused_eval_run_id VARCHAR, reused_at TIMESTAMP
+);
 """
 
 CREATE_PROMOTION_TABLES = """

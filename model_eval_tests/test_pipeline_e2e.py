@@ -1,7 +1,8 @@
 """The whole asset chain through a real Dagster instance, the real CLI and the real local llama.cpp server.
 
 A small golden subset (10 cases per task, the minimum validation allows) keeps this to a few minutes
-on 2 cores. Run once, then run again unchanged: the second run must make zero model calls.
+on 2 cores. Run once, then run again unchanged: the second run must make zero model calls, reuse every
+evaluation (model_eval/unchanged.py) and reach the same decision.
 """
 
 from __future__ import annotations
@@ -97,32 +98,37 @@ def test_every_case_and_repeat_answered_once_per_model_per_run(evaluated):
     expected_per_model = 10 * 1 + 10 * 2 + 10 * 1
     rows = _query(evaluated, """
         SELECT eval_run_id, model, count(*), count(DISTINCT (task, case_id, repeat)) FROM inference_results GROUP BY ALL""")
-    assert len(rows) == 2 * len(LOCAL_MODELS)  # two eval runs kept, two models each
+    assert len(rows) == len(LOCAL_MODELS)  # the first eval run's, two models; the unchanged second run wrote none
     for _, model, n, distinct in rows:
         assert model in LOCAL_MODELS and n == distinct == expected_per_model
-    assert _query(evaluated, "SELECT count(*) FROM scores")[0][0] == 2 * len(LOCAL_MODELS) * expected_per_model
+    assert _query(evaluated, "SELECT count(*) FROM scores")[0][0] == len(LOCAL_MODELS) * expected_per_model
     tokens = _query(evaluated, "SELECT min(input_tokens), min(output_tokens), min(latency_ms) FROM inference_results WHERE error_class IS NULL")[0]
     assert all(value is not None and value > 0 for value in tokens)  # real usage and latency from the server
     costs = _query(evaluated, "SELECT count(*) FILTER (WHERE cost_usd IS NULL AND error_class IS NULL), max(cost_usd) FROM inference_results")[0]
     assert costs == (0, 0.0)  # local models are priced at 0 in the registry: known, not missing
 
 
-def test_unchanged_rerun_makes_zero_model_calls(evaluated):
-    runs = _query(evaluated, "SELECT eval_run_id, calls, cached_calls, failed_calls FROM eval_runs ORDER BY started_at")
-    assert len(runs) == 2
-    (_, first_calls, first_cached, _), (_, second_calls, second_cached, _) = runs
-    assert first_cached == 0 and second_calls == second_cached == first_calls
-    instance = evaluated["instance"]
-    records = instance.fetch_materializations(dg.AssetKey("inference_results"), limit=10).records
-    newest = {r.partition_key: r.asset_materialization.metadata for r in sorted(records, key=lambda r: r.timestamp)}
+def test_unchanged_rerun_makes_zero_model_calls_and_reuses_every_evaluation(evaluated):
+    runs = _query(evaluated, "SELECT eval_run_id, status FROM eval_runs ORDER BY started_at")
+    assert [status for _, status in runs] == ["complete", "complete"]
+    (first, _), (second, _) = runs
+    reused = _query(evaluated, f"SELECT model, task, reused_eval_run_id FROM reused_evaluations WHERE eval_run_id = '{second}'")
+    assert sorted(reused) == sorted((m, t, first) for m in LOCAL_MODELS for t in ("classification", "extraction", "grading"))
     for model in LOCAL_MODELS:
-        assert newest[model]["sent_to_model"].value == 0
-        assert newest[model]["from_cache"].value == newest[model]["calls"].value > 0
+        assert f"{model}: unchanged since eval run {first}" in evaluated["outputs"][1]
+    # No model was asked anything: each partition was materialized once, by the first run, which sent every call.
+    records = evaluated["instance"].fetch_materializations(dg.AssetKey("inference_results"), limit=10).records
+    assert sorted(r.partition_key for r in records) == sorted(LOCAL_MODELS)
+    for record in records:
+        metadata = record.asset_materialization.metadata
+        assert metadata["eval_run_id"].value == first and metadata["from_cache"].value == 0 < metadata["calls"].value
+    decisions = "SELECT task, policy, champion, runner_up, qualified FROM recommendations WHERE eval_run_id = '{}' ORDER BY ALL"
+    assert _query(evaluated, decisions.format(second)) == _query(evaluated, decisions.format(first))
 
 
 def test_metrics_and_recommendations_cover_every_model_task_and_policy(evaluated):
     metrics = _query(evaluated, "SELECT model, task, cases, calls, accuracy, accuracy_low, accuracy_high, p50_latency_ms FROM model_task_metrics")
-    assert len(metrics) == 2 * len(LOCAL_MODELS) * 3
+    assert len(metrics) == len(LOCAL_MODELS) * 3   # one evaluation of each, reused by the second run
     for model, task, cases, calls, acc, low, high, p50 in metrics:
         assert cases == 10 and calls == (20 if task == "classification" else 10)
         assert 0 <= low <= acc <= high <= 1 and p50 > 0
@@ -147,7 +153,7 @@ def test_runs_are_in_the_dagster_instance_with_partitions_and_leaderboard(evalua
         by_job.setdefault(run.job_name, []).append(run)
         assert run.status == dg.DagsterRunStatus.SUCCESS
     assert len(by_job["prepare"]) == 2 and len(by_job["recommend"]) == 2
-    assert sorted(r.tags["dagster/partition"] for r in by_job["evaluate_model"]) == sorted(LOCAL_MODELS * 2)
+    assert sorted(r.tags["dagster/partition"] for r in by_job["evaluate_model"]) == sorted(LOCAL_MODELS)  # the first run's
     assert set(LOCAL_MODELS) <= set(instance.get_dynamic_partitions("models"))
     record = instance.fetch_materializations(dg.AssetKey("recommendations"), limit=1).records[0]
     board = record.asset_materialization.metadata["leaderboard"].value

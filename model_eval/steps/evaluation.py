@@ -21,6 +21,7 @@ from model_eval.response_cache import ResponseCache
 from model_eval.scoring import SCORE_SCHEMA, score_results
 from model_eval.steps._common import Log, utc_now
 from model_eval.steps.judging import Judging, judge_model_results
+from model_eval.unchanged import recorded_fingerprints
 from model_eval.warehouse_slices import no_rows, write_slice
 
 CURRENT_CASE_COUNTS = """
@@ -151,6 +152,10 @@ def _record_status(conn, spec: ModelSpec, eval_run_id: str, tasks, counts: dict[
     conn.execute("DELETE FROM evaluation_status WHERE eval_run_id = ? AND model = ?", [eval_run_id, spec.name])
     conn.executemany(f"INSERT INTO evaluation_status ({', '.join(STATUS_COLUMNS)}) VALUES ({', '.join('?' * len(STATUS_COLUMNS))})",
                      status_rows(eval_run_id, spec.name, tasks, counts, answered, adaptive_run, utc_now()))
+    # What a later run compares to find this evaluation unchanged (unchanged.py).
+    for task, fingerprint in recorded_fingerprints(conn, tasks, part_files).items():
+        conn.execute("UPDATE evaluation_status SET inputs_fingerprint = ? WHERE eval_run_id = ? AND model = ? AND task = ?",
+                     [fingerprint, eval_run_id, spec.name, task])
 
 
 @dataclass
