@@ -237,20 +237,26 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+def prices_per_million(spec: ModelSpec) -> tuple[float, float] | None:
+    """USD per million input and output tokens: the registry's, else litellm's price map (read as a
+    file: the HTTP path never imports litellm); None when neither has one."""
+    if spec.price_input_per_million is not None and spec.price_output_per_million is not None:
+        return spec.price_input_per_million, spec.price_output_per_million
+    return price_per_million(spec.litellm_model)
+
+
 class CostCalculator:
     """Cost from the registry's prices, else litellm's price map; unknown is None, never 0."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
+        self.prices = prices_per_million(spec)
         self.warned = False
 
     def __call__(self, input_tokens: int | None, output_tokens: int | None) -> float | None:
         if input_tokens is None or output_tokens is None:
             return None
-        if self.spec.price_input_per_million is not None and self.spec.price_output_per_million is not None:
-            return (input_tokens * self.spec.price_input_per_million + output_tokens * self.spec.price_output_per_million) / 1e6
-        # litellm's price map, read as a file: the HTTP path never imports litellm.
-        prices = price_per_million(self.spec.litellm_model)
+        prices = self.prices
         cost = None if prices is None else (input_tokens * prices[0] + output_tokens * prices[1]) / 1e6
         if cost is None and not self.warned:
             log.warning("model %s: no price in the registry and litellm has none for %s; cost recorded as NULL",

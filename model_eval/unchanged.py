@@ -9,6 +9,7 @@ same now:
   and the repeats;
 * the golden cases file (its hash: the expected answers) and task.yaml (the scorer and its settings);
 * the scoring code;
+* the model's prices (the registry's, else litellm's price map), which cost each answer;
 
 and every answer is still in the response cache, young enough for this run's cache age (`--fresh`
 asks for age 0, so it never reuses). Its inference rows, scores and metrics would come out the same, so
@@ -30,7 +31,7 @@ from pathlib import Path
 from model_eval.duckdb_files import table_exists
 from model_eval.golden import TaskSpec
 from model_eval.golden_validation import file_sha256
-from model_eval.inference import iter_requests
+from model_eval.inference import iter_requests, prices_per_million
 from model_eval.project import Project
 from model_eval.registry import ModelSpec
 
@@ -60,24 +61,28 @@ def scoring_code_version() -> str:
 
 
 def inputs_fingerprint(request_keys: list[str], golden_file_hash: str, task_file_sha256: str,
-                       scoring_code: str | None = None) -> str:
-    """What decides one (model, task) evaluation's rows, other than the answers the keys stand for."""
+                       prices: tuple[float, float] | None, scoring_code: str | None = None) -> str:
+    """What decides one (model, task) evaluation's rows, other than the answers the keys stand for.
+    `prices`: USD per million input and output tokens (a price is not part of a request's key: a new
+    price leaves every answer valid, but not the cost recorded with it)."""
     parts = {"keys": hashlib.sha256("\n".join(sorted(request_keys)).encode()).hexdigest(),
              "golden_file": golden_file_hash, "task_file": task_file_sha256,
+             "prices": None if prices is None else [float(p) for p in prices],
              "scoring_code": scoring_code or scoring_code_version()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def recorded_fingerprints(conn, tasks: list[TaskSpec], part_files: list[str]) -> dict[str, str | None]:
-    """Per task, the fingerprint of an evaluation just answered (its rows in `part_files`); None where a
-    call failed (a later run asks it again, so nothing can be reused from this one)."""
+def recorded_fingerprints(conn, spec: ModelSpec, tasks: list[TaskSpec], part_files: list[str]) -> dict[str, str | None]:
+    """Per task, the fingerprint of `spec`'s evaluation just answered (its rows in `part_files`); None
+    where a call failed (a later run asks it again, so nothing can be reused from this one)."""
     if not part_files:
         return {}
     golden = dict(conn.sql(CURRENT_GOLDEN_FILES_SQL).fetchall())
     rows = conn.execute("""SELECT task, list(cache_key), count(*) FILTER (WHERE error_class IS NOT NULL)
                            FROM read_parquet(?) GROUP BY task""", [part_files]).fetchall()
     by_name = {t.name: t for t in tasks}
-    return {task: inputs_fingerprint(keys, golden[task], file_sha256(by_name[task].task_file))
+    prices = prices_per_million(spec)
+    return {task: inputs_fingerprint(keys, golden[task], file_sha256(by_name[task].task_file), prices)
             if not failed and task in golden and task in by_name else None
             for task, keys, failed in rows}
 
@@ -110,8 +115,9 @@ def reusable_evaluations(conn, cache, project: Project, spec: ModelSpec, task_na
     for request in iter_requests(spec, candidates, (dict(zip(columns, row)) for row in cases)):
         keys[request.task].append(request.key)
     reuses = []
+    prices = prices_per_million(spec)
     for task in candidates:
-        wanted = inputs_fingerprint(keys[task.name], golden.get(task.name, ""), file_sha256(task.task_file))
+        wanted = inputs_fingerprint(keys[task.name], golden.get(task.name, ""), file_sha256(task.task_file), prices)
         if wanted == newest[task.name][3] and cache.count_present(keys[task.name], cache_max_age_s) == len(set(keys[task.name])):
             reuses.append(Reuse(task.name, newest[task.name][0]))
     return reuses

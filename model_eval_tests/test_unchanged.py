@@ -38,10 +38,10 @@ def project_files(tmp_path, monkeypatch):
     with FakeOpenAIServer(script) as server:
         registry = tmp_path / "models.yaml"
 
-        def write_registry(temperature_of_second: float = 0.0):
+        def write_registry(temperature_of_second: float = 0.0, input_price_of_first: float = 1.0):
             registry.write_text(yaml.safe_dump({"models": [
                 {"name": name, "model": f"openai/{name}", "api_base": server.api_base, "provider": "fake", "max_attempts": 1,
-                 "timeout_s": 30, "price_per_million": {"input": 1.0, "output": 2.0},
+                 "timeout_s": 30, "price_per_million": {"input": input_price_of_first if name == "first" else 1.0, "output": 2.0},
                  "params": {"temperature": temperature_of_second if name == "second" else 0.0}} for name in MODELS]}))
 
         write_registry()
@@ -136,12 +136,28 @@ def test_an_evaluation_with_a_failed_call_is_run_again(project_files):
     assert third.reused["second"] == [Reuse(t, r) for t, r in (("classification", first.eval_run_id), ("grading", again.eval_run_id))]
 
 
+def test_a_new_price_costs_the_cached_answers_again_without_asking(project_files):
+    first = _evaluate(project_files)
+    sent = project_files["server"].total
+    project_files["write_registry"](input_price_of_first=3.0)
+
+    repriced = _evaluate(project_files)
+    assert project_files["server"].total == sent                      # every answer came from the cache
+    assert repriced.reused == {"second": [Reuse(t, first.eval_run_id) for t in TASKS]}   # first was run again
+    rows = _query("""SELECT input_tokens, output_tokens, cost_usd FROM inference_results
+                     WHERE eval_run_id = $r AND model = 'first'""", {"r": repriced.eval_run_id})
+    assert len(rows) == CASES * 3 * len(TASKS) and all(i > 0 for i, _, _ in rows)
+    assert all(cost == pytest.approx((3.0 * i + 2.0 * o) / 1e6) for i, o, cost in rows)   # the new price, not the old
+
+
 def test_the_fingerprint_covers_each_input_and_not_the_order_of_keys():
-    base = inputs_fingerprint(["k1", "k2"], "golden-hash", "task-hash", "code-1")
-    assert inputs_fingerprint(["k2", "k1"], "golden-hash", "task-hash", "code-1") == base
-    changed = [inputs_fingerprint(["k1", "k3"], "golden-hash", "task-hash", "code-1"),
-               inputs_fingerprint(["k1"], "golden-hash", "task-hash", "code-1"),
-               inputs_fingerprint(["k1", "k2"], "other", "task-hash", "code-1"),
-               inputs_fingerprint(["k1", "k2"], "golden-hash", "other", "code-1"),
-               inputs_fingerprint(["k1", "k2"], "golden-hash", "task-hash", "code-2")]
-    assert len({base, *changed}) == 6
+    base = inputs_fingerprint(["k1", "k2"], "golden-hash", "task-hash", (1.0, 2.0), "code-1")
+    assert inputs_fingerprint(["k2", "k1"], "golden-hash", "task-hash", (1, 2), "code-1") == base
+    changed = [inputs_fingerprint(["k1", "k3"], "golden-hash", "task-hash", (1.0, 2.0), "code-1"),
+               inputs_fingerprint(["k1"], "golden-hash", "task-hash", (1.0, 2.0), "code-1"),
+               inputs_fingerprint(["k1", "k2"], "other", "task-hash", (1.0, 2.0), "code-1"),
+               inputs_fingerprint(["k1", "k2"], "golden-hash", "other", (1.0, 2.0), "code-1"),
+               inputs_fingerprint(["k1", "k2"], "golden-hash", "task-hash", (1.5, 2.0), "code-1"),
+               inputs_fingerprint(["k1", "k2"], "golden-hash", "task-hash", None, "code-1"),
+               inputs_fingerprint(["k1", "k2"], "golden-hash", "task-hash", (1.0, 2.0), "code-2")]
+    assert len({base, *changed}) == 8

@@ -153,7 +153,7 @@ def _record_status(conn, spec: ModelSpec, eval_run_id: str, tasks, counts: dict[
     conn.executemany(f"INSERT INTO evaluation_status ({', '.join(STATUS_COLUMNS)}) VALUES ({', '.join('?' * len(STATUS_COLUMNS))})",
                      status_rows(eval_run_id, spec.name, tasks, counts, answered, adaptive_run, utc_now()))
     # What a later run compares to find this evaluation unchanged (unchanged.py).
-    for task, fingerprint in recorded_fingerprints(conn, tasks, part_files).items():
+    for task, fingerprint in recorded_fingerprints(conn, spec, tasks, part_files).items():
         conn.execute("UPDATE evaluation_status SET inputs_fingerprint = ? WHERE eval_run_id = ? AND model = ? AND task = ?",
                      [fingerprint, eval_run_id, spec.name, task])
 
