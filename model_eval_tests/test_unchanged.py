@@ -5,6 +5,7 @@ hosted providers). Two tasks (grading, classification; 10 cases each, 3 repeats)
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -53,9 +54,9 @@ def project_files(tmp_path, monkeypatch):
         yield {"golden": golden, "instance": instance, "server": server, "state": state, "write_registry": write_registry}
 
 
-def _evaluate(files, **kwargs):
+def _evaluate(files, models: list[str] | None = None, **kwargs):
     project = Project.load(ProjectPaths.from_env())
-    outcome = run_evaluation(defs(), files["instance"], project, project.registry.select(None), TASKS,
+    outcome = run_evaluation(defs(), files["instance"], project, project.registry.select(models), TASKS,
                              say=lambda line: None, **kwargs)
     assert outcome.ok, outcome
     return outcome
@@ -88,6 +89,14 @@ def test_an_unchanged_rerun_reuses_every_evaluation_sends_nothing_and_decides_th
                    WHERE eval_run_id = $r ORDER BY task, policy"""
     assert _query(decisions, {"r": again.eval_run_id}) == _query(decisions, {"r": first.eval_run_id})
     assert all(set(runs) == {first.eval_run_id} for *_, runs in _query(decisions, {"r": again.eval_run_id}))
+    # Its report says where the figures come from: every leaderboard row is the reused evaluation.
+    page = (ProjectPaths.from_env().reports_dir / f"{again.eval_run_id}.html").read_text()
+    assert f"{len(MODELS) * len(TASKS)} evaluation(s) found unchanged and reused" in page
+    rows = re.findall(r"<tr><td>(first|second)</td>.*?</tr>", page)
+    assert len(rows) == len(MODELS) * len(TASKS)
+    assert page.count(f'{first.eval_run_id}<br><span class="note">(unchanged, reused)</span>') == len(rows)
+    first_page = (ProjectPaths.from_env().reports_dir / f"{first.eval_run_id}.html").read_text()
+    assert first_page.count("<td>this run</td>") == len(rows) and "<td>this run</td>" not in page
 
 
 def test_each_change_reruns_exactly_what_it_touches(project_files):
@@ -111,11 +120,27 @@ def test_each_change_reruns_exactly_what_it_touches(project_files):
     assert settings.reused == {"first": [Reuse("classification", first.eval_run_id), Reuse("grading", relabelled.eval_run_id)]}
     assert project_files["server"].total - sent == CASES * 3 * len(TASKS)   # second's cases x repeats, sent again
     assert _job_names(project_files, settings) == ["prepare", "evaluate_model", "recommend"]
+    assert _leaderboard_sources(settings.eval_run_id) == {
+        ("first", f'{first.eval_run_id}<br><span class="note">(unchanged, reused)</span>'),
+        ("first", f'{relabelled.eval_run_id}<br><span class="note">(unchanged, reused)</span>'), ("second", "this run")}
 
     # --fresh (cache age 0) reuses nothing and asks everything again.
     sent = project_files["server"].total
     fresh = _evaluate(project_files, max_cache_age_hours=0.0)
     assert fresh.reused == {} and project_files["server"].total - sent == CASES * 3 * len(TASKS) * len(MODELS)
+
+    # A run of one model: the other's figures are its newest evaluation, which this run did not make.
+    only_first = _evaluate(project_files, models=["first"])
+    assert only_first.reused == {"first": [Reuse(t, fresh.eval_run_id) for t in TASKS]}
+    assert _leaderboard_sources(only_first.eval_run_id) == {
+        ("first", f'{fresh.eval_run_id}<br><span class="note">(unchanged, reused)</span>'),
+        ("second", f'{fresh.eval_run_id}<br><span class="note">(not evaluated in this run)</span>')}
+
+
+def _leaderboard_sources(eval_run_id: str) -> set[tuple[str, str]]:
+    """(model, the report's "evaluated in" cell) of every leaderboard row in the run's report."""
+    page = (ProjectPaths.from_env().reports_dir / f"{eval_run_id}.html").read_text()
+    return set(re.findall(r"<tr><td>(first|second)</td>.*?<td>(this run|eval-[^<]+<br><span[^>]*>[^<]*</span>)</td></tr>", page))
 
 
 def test_an_evaluation_with_a_failed_call_is_run_again(project_files):

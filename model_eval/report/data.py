@@ -35,6 +35,8 @@ class TaskSection:
     drift: pl.DataFrame             # `model_drift` rows of this run
     # Models adaptive evaluation stopped on this task (never ranked): their status, reason and partial figures.
     stopped: pl.DataFrame = field(default_factory=pl.DataFrame)
+    # Models whose earlier evaluation this run found unchanged and reused instead of running (unchanged.py).
+    reused: frozenset[str] = frozenset()
 
     @property
     def champion(self) -> str | None:
@@ -141,12 +143,15 @@ def _task_section(conn: duckdb.DuckDBPyConnection, eval_run_id: str, rec: dict, 
                                             "made": rec["created_at"]}).pl()
     drift = _rows(conn, "model_drift", "SELECT * FROM model_drift WHERE eval_run_id = $run AND task = $task ORDER BY model, metric",
                   {"run": eval_run_id, "task": task})
+    reused = _rows(conn, "reused_evaluations", "SELECT model FROM reused_evaluations WHERE eval_run_id = $run AND task = $task",
+                   {"run": eval_run_id, "task": task})
     spec = specs.get(task)
     return TaskSection(task=task, dataset_version=version, policy=rec["policy"],
                        threshold=spec.qualification_threshold if spec is not None else None,
                        description=spec.description if spec is not None else "",
                        recommendation=rec, leaderboard=board, case_grid=grid, gates=gates, assignments=assignments,
-                       trends=trends, drift=drift, stopped=stopped)
+                       trends=trends, drift=drift, stopped=stopped,
+                       reused=frozenset(reused["model"].to_list() if not reused.is_empty() else []))
 
 
 def run_cost(conn: duckdb.DuckDBPyConnection, eval_run_id: str) -> tuple[float | None, int, int]:

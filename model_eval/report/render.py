@@ -26,6 +26,7 @@ main { padding: 8px 32px 40px 32px; max-width: 1400px; }
 section.task { background: white; border: 1px solid #ddd; border-radius: 8px; padding: 12px 20px; margin: 18px 0; }
 h2 { margin: 6px 0; } h3 { margin: 18px 0 6px 0; font-size: 16px; color: #333; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
+.wide { overflow-x: auto; }
 th, td { border-bottom: 1px solid #e3e3e3; padding: 4px 10px; text-align: left; vertical-align: top; }
 td { white-space: nowrap; } td:has(.reason) { white-space: normal; }
 th { background: #f2f4f7; }
@@ -83,19 +84,29 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
     head = "".join(f"<th>{h}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row))
                    + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wide tables scroll inside their section instead of widening the page.
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 # Columns other helpers may add to model_task_metrics; shown when present.
 OPTIONAL_METRICS = {"repeats": "repeats", "flip_rate": "flip rate", "pass_all_k": "pass^k"}
 
 
-def leaderboard_table(section: TaskSection) -> str:
+def _evaluated_in(section: TaskSection, row: dict, eval_run_id: str) -> str:
+    """Which run a leaderboard row's figures come from: a recommendation weighs each model's newest evaluation."""
+    if row["eval_run_id"] == eval_run_id:
+        return "this run"
+    why = "unchanged, reused" if row["model"] in section.reused else "not evaluated in this run"
+    return f'{_e(row["eval_run_id"])}<br><span class="note">({why})</span>'
+
+
+def leaderboard_table(section: TaskSection, eval_run_id: str) -> str:
     board = section.leaderboard
     qualified = set(section.recommendation["qualified"] or [])
     extra = [c for c in OPTIONAL_METRICS if c in board.columns]
     headers = (["model", "", "accuracy", "95% interval", "cases", "calls", "consistency"]
-               + [OPTIONAL_METRICS[c] for c in extra] + ["success", "p50 ms", "p95 ms", "cost / case", "qualified"])
+               + [OPTIONAL_METRICS[c] for c in extra]
+               + ["success", "p50 ms", "p95 ms", "cost / case", "qualified", "evaluated in"])
     rows = []
     for r in board.iter_rows(named=True):
         badge = ('<span class="badge champion">champion</span>' if r["model"] == section.champion else
@@ -104,8 +115,9 @@ def leaderboard_table(section: TaskSection) -> str:
                      str(r["cases"]), str(r["calls"]), _num(r["consistency"], 2)]
                     + [str(r[c]) if c == "repeats" else _num(r[c], 2) for c in extra]
                     + [_num(r["success_rate"], 2), _num(r["p50_latency_ms"], 0), _num(r["p95_latency_ms"], 0),
-                       _cost(r["cost_per_case_usd"]), "yes" if r["model"] in qualified else "no"])
-    numeric = set(range(2, len(headers) - 1))
+                       _cost(r["cost_per_case_usd"]), "yes" if r["model"] in qualified else "no",
+                       _evaluated_in(section, r, eval_run_id)])
+    numeric = set(range(2, len(headers) - 2))
     return _table(headers, rows, numeric)
 
 
@@ -154,7 +166,7 @@ def drift_table(section: TaskSection) -> str:
                    "test", "p-value", "Holm p", "drifted"], rows, {3, 4, 5, 8, 9})
 
 
-def _task_html(section: TaskSection, colours: dict[str, str], index: int) -> str:
+def _task_html(section: TaskSection, colours: dict[str, str], index: int, eval_run_id: str) -> str:
     rec = section.recommendation
     anchor = f"task-{index}"
     champion = (f'<span class="badge champion">{_e(section.champion)}</span>' if section.champion
@@ -174,7 +186,7 @@ def _task_html(section: TaskSection, colours: dict[str, str], index: int) -> str
             parts += ['<p class="note">No model completed an evaluation on this version.</p>',
                       "<h3>Stopped early (not ranked)</h3>", stopped_table(section), "</section>"]
         return "\n".join(parts)
-    parts += ["<h3>Leaderboard</h3>", leaderboard_table(section),
+    parts += ["<h3>Leaderboard</h3>", leaderboard_table(section, eval_run_id),
               '<p class="note">Accuracy is the mean over cases of each case\'s share of right repeats; its 95% interval is '
               'the one model_task_metrics stores (over cases). pass^k: share of cases right on every repeat; flip rate: '
               'share of cases whose repeats disagree.</p>',
@@ -209,6 +221,9 @@ def _header(data: ReportData) -> str:
     cost = ("unknown (" + str(data.unpriced_calls) + " call(s) without a price)" if data.run_cost_usd is None
             else f"${data.run_cost_usd:.4f}")
     facts.append(f"cost of this run: {cost}")
+    reused = sum(len(s.reused) for s in data.tasks)
+    if reused:
+        facts.append(f"{reused} evaluation(s) found unchanged and reused from earlier runs, not run again")
     spans = "".join(f"<span>{f}</span>" for f in facts)
     return f"<header><h1>model_eval report</h1><div class=\"facts\">{spans}</div></header>"
 
@@ -236,7 +251,7 @@ def render_report(data: ReportData) -> str:
               + (s.assignments["model"].to_list() if "model" in s.assignments.columns else [])]
     colours = charts.model_colours([m for m in models if m is not None])
     generated = datetime.now(timezone.utc)
-    tasks = "\n".join(_task_html(s, colours, i) for i, s in enumerate(data.tasks))
+    tasks = "\n".join(_task_html(s, colours, i, data.eval_run_id) for i, s in enumerate(data.tasks))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>model_eval report · {_e(data.eval_run_id)}</title>"
